@@ -1,0 +1,48 @@
+# knowsep recipes: thin wrappers over the `knowsep` command.
+# Arguments are field=value overrides of the stage config (see `knowsep describe STAGE`),
+# e.g. `just train variant=adaptive` or `just harvest model.layer=6`.
+
+set positional-arguments := false
+
+config := "configs/demo.toml"
+
+# List the recipes.
+default:
+    @just --list
+
+# Harvest one layer's activations of the forget and retain corpora into a Zarr store.
+harvest *args:
+    knowsep harvest --config {{config}} {{args}}
+
+# Train an SAE variant on the store: `just train variant=standard` (the default).
+train *args:
+    knowsep train --config {{config}} {{args}}
+
+# Resume the latest run of a variant from its last complete checkpoint.
+resume *args:
+    knowsep train --config {{config}} --resume {{args}}
+
+# Core metrics (SAEBench layout) of a trained run: `just eval-core variant=standard`.
+eval-core *args:
+    knowsep eval core --config {{config}} {{args}}
+
+# Cross-validate the variants over folds of forget documents (not built yet).
+crossval *args:
+    knowsep crossval --config {{config}} {{args}}
+
+# Harvest, train and evaluate the standard SAE on the embedded model, then print a summary.
+demo *args:
+    knowsep demo --config {{config}} {{args}}
+
+# Run the test suite (the same command CI runs).
+test *args:
+    python -m pytest -q {{args}}
+
+# Lint and type-check.
+lint:
+    ruff check knowsep pipeline trainer stores evals tests bench
+    mypy
+
+# Benchmarks: `just bench harvest`, `just bench masks` (figures go in docs/benchmarks.md).
+bench what *args:
+    knowsep bench {{what}} {{args}}
