@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from knowsep.config import ConfigError, get_table, load_stage_config, load_toml, parse_overrides
+from knowsep.config import get_table, load_stage_config, load_toml, parse_overrides
 from knowsep.logs import setup_logging
 
 logger = logging.getLogger("knowsep")
@@ -40,6 +40,9 @@ ConfigOption = typer.Option(
 )
 OverridesArgument = typer.Argument(None, help="field=value overrides of the stage config, e.g. variant=adaptive d_sae=8192.")
 VerboseOption = typer.Option(False, "--verbose", "-v", help="Log debug messages.")
+DemoConfigOption = typer.Option(Path(DEFAULT_CONFIG), "--config", "-c", help="Demo config.")
+BenchNameArgument = typer.Argument(..., help="harvest, masks or train")
+BenchArgsArgument = typer.Argument(None, help="Arguments passed to the benchmark script.")
 
 T = TypeVar("T")
 
@@ -196,7 +199,7 @@ def describe(stage: str = typer.Argument(..., help="harvest, train or eval.core"
 
 @app.command()
 def demo(
-    config: Path = typer.Option(Path(DEFAULT_CONFIG), "--config", "-c", help="Demo config."),
+    config: Path = DemoConfigOption,
     overrides: list[str] | None = OverridesArgument,
 ) -> None:
     """Harvest, train the standard SAE and run the core eval on the embedded model, then print a summary.
@@ -278,8 +281,8 @@ def _fmt(value: Any) -> str:
 
 @app.command()
 def bench(
-    what: str = typer.Argument(..., help="harvest, masks or train"),
-    args: list[str] | None = typer.Argument(None, help="Arguments passed to the benchmark script."),
+    what: str = BenchNameArgument,
+    args: list[str] | None = BenchArgsArgument,
 ) -> None:
     """Run a benchmark script from bench/ (see docs/benchmarks.md)."""
     import runpy

@@ -65,7 +65,7 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(f"invalid value {value!r} for {name}: {'; '.join(errors)}")
 
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         if not isinstance(value, dict):

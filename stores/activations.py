@@ -187,6 +187,14 @@ def float32_to_bfloat16_bits(acts: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values), quiet_nan, rounded)
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """Return the array ``name`` of a shard group; a missing name raises KeyError."""
+    member = group[name]
+    if not isinstance(member, zarr.Array):
+        raise KeyError(name)
+    return member
+
+
 class ActivationStore:
     """Read and write access to one activation store directory."""
 
@@ -232,7 +240,7 @@ class ActivationStore:
     @property
     def shards(self) -> list[ShardInfo]:
         """Complete shards in index order."""
-        infos = []
+        infos: list[ShardInfo] = []
         if not self.shards_dir.is_dir():
             return infos
         for entry in sorted(self.shards_dir.iterdir()):
@@ -359,7 +367,7 @@ class ActivationStore:
         path = self.shard_path(index)
         try:
             group = zarr.open_group(str(path), mode="r", zarr_format=3)
-            return {name: np.asarray(group[name][...]) for name in fields}
+            return {name: np.asarray(_array(group, name)[...]) for name in fields}
         except KeyError as error:
             raise StoreError(
                 f"shard {index} of {self.path} has no array {error}; valid arrays: {', '.join(ACTS_FIELDS + TOKEN_FIELDS + CONTEXT_FIELDS)}"
@@ -368,7 +376,7 @@ class ActivationStore:
     def read_acts(self, index: int, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """Read a shard's activations as float32, unnormalized (multiply by ``norm_scale`` to normalize)."""
         group = zarr.open_group(str(self.shard_path(index)), mode="r", zarr_format=3)
-        acts = group["acts"]
+        acts = _array(group, "acts")
         raw = acts[...] if rows is None else np.asarray(acts[...])[rows]
         return acts_to_float32(np.asarray(raw), self.metadata.acts_dtype)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -34,10 +35,11 @@ DATA_FILES = {
 }
 MISSING_FILES = [str(path) for path in DATA_FILES.values() if not path.is_file()]
 
-# Tokens per corpus: enough for 30 training steps of 512 tokens, small enough for 2 CPU cores.
-MAX_TOKENS = 8_000
+# Tokens per corpus: enough for two passes of 30 training steps, small enough for 2 CPU cores.
+MAX_TOKENS = 6_000
 TRAIN_STEPS = 30
-TRAIN_BATCH = 512
+
+logger = logging.getLogger(__name__)
 
 pytestmark = [
     pytest.mark.integration,
@@ -90,8 +92,15 @@ def test_smollm2_harvest_train_core_eval(knowsep_cache: Path, tmp_path: Path):
         assert sum(metadata.token_counts["domain"][domain].values()) > 0, domain
     domains = np.concatenate([store.read_shard(info.index, ("domain",))["domain"] for info in store.shards])
     assert set(np.unique(domains).tolist()) == {0, 1}
-    assert metadata.token_counts["split"]["train"] >= TRAIN_STEPS * TRAIN_BATCH // 2
+    n_train = metadata.token_counts["split"]["train"]
+    assert n_train > 0
     assert metadata.token_counts["split"]["heldout"] > 0
+
+    # A few SmolLM2 tokens (at positions 1 and 2 of some contexts) have residual norms 50
+    # to 100 times the median, so a batch's loss depends mostly on whether it holds one. Each
+    # half of the run is one pass over the train split (all but < 15 rows), so the two
+    # log lines average the loss over the same tokens, before and after a pass.
+    batch_size = n_train // (TRAIN_STEPS // 2)
 
     train_cfg = TrainConfig(
         store=str(store.path),
@@ -102,19 +111,20 @@ def test_smollm2_harvest_train_core_eval(knowsep_cache: Path, tmp_path: Path):
         lr=1e-3,
         lr_warmup_steps=0,
         lr_decay_steps=0,
-        batch_size=TRAIN_BATCH,
-        total_tokens=TRAIN_STEPS * TRAIN_BATCH,
-        log_every=5,
+        batch_size=batch_size,
+        total_tokens=TRAIN_STEPS * batch_size,
+        log_every=TRAIN_STEPS // 2,
         checkpoint_every=0,
-        dead_window=TRAIN_STEPS * TRAIN_BATCH,
+        dead_window=TRAIN_STEPS * batch_size,
         progress_bar=False,
     )
     run_dir = run_train(train_cfg)
     trained = time.perf_counter()
 
     log = [json.loads(line) for line in (run_dir / TRAIN_LOG_FILE).read_text().splitlines()]
-    assert [record["step"] for record in log] == list(range(5, TRAIN_STEPS + 1, 5))
+    assert [record["step"] for record in log] == [TRAIN_STEPS // 2, TRAIN_STEPS]
     assert log[-1]["loss"] < log[0]["loss"]
+    assert log[-1]["explained_variance"] > log[0]["explained_variance"]
 
     output = run_core_eval(
         CoreEvalConfig(
@@ -139,7 +149,7 @@ def test_smollm2_harvest_train_core_eval(knowsep_cache: Path, tmp_path: Path):
     assert math.isfinite(ce_loss_score)
     assert metrics["misc_metrics"]["frac_alive"] > 0
 
-    print(
+    logger.info(
         f"harvest {harvested - started:.1f} s, train {trained - harvested:.1f} s, "
         f"core eval {evaluated - trained:.1f} s; explained_variance {explained_variance:.3f}, "
         f"ce_loss_score {ce_loss_score:.3f}"

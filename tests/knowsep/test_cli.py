@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from evals.core.config import CoreEvalConfig
 from knowsep.cli import app, build_core_eval_config, build_harvest_config, build_train_config
+from knowsep.config import load_toml
 from pipeline.config import HarvestConfig
 from stores.activations import ActivationStore
 from tests.pipeline.conftest import make_text, tiny_model_dir, write_jsonl  # noqa: F401
@@ -23,6 +24,7 @@ from trainer.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.toml"
+DEMO = load_toml(DEMO_CONFIG)
 
 runner = CliRunner()
 
@@ -149,8 +151,8 @@ def test_variant_names_run():
     cfg = build_train_config(DEMO_CONFIG, ["variant=fixed"])
     assert cfg.variant == "fixed"
     assert cfg.run_name == "fixed"
-    assert cfg.store == "runs/demo/store"
-    assert cfg.runs_dir == "runs/demo"
+    assert cfg.store == DEMO["harvest"]["store"]
+    assert cfg.runs_dir == DEMO["train"]["runs_dir"]
 
 
 def test_explicit_run_name_kept():
@@ -197,18 +199,18 @@ def test_cli_train_names_run_after_variant(monkeypatch: pytest.MonkeyPatch, tmp_
 
 def test_harvest_config_takes_model_table():
     cfg = build_harvest_config(DEMO_CONFIG, ["model.layer=3", "context_size=64"])
-    assert cfg.model.name == "gemma-3-270m"
+    assert cfg.model.name == DEMO["model"]["name"]
     assert cfg.model.layer == 3
     assert cfg.context_size == 64
-    assert [corpus.name for corpus in cfg.corpora] == ["wmdp-bio", "openstax-microbiology", "wikitext-2"]
+    assert [corpus.name for corpus in cfg.corpora] == [corpus["name"] for corpus in DEMO["harvest"]["corpora"]]
 
 
 def test_core_eval_config_picks_run():
     cfg = build_core_eval_config(DEMO_CONFIG, ["variant=fixed", "n_eval_contexts=2"])
-    assert cfg.sae_path == str(Path("runs/demo/fixed/sae"))
+    assert cfg.sae_path == str(Path(DEMO["train"]["runs_dir"]) / "fixed" / "sae")
     assert cfg.n_eval_contexts == 2
-    assert cfg.dtype == "bfloat16"
-    assert cfg.device == "auto"
+    assert cfg.dtype == DEMO["model"]["dtype"]
+    assert cfg.device == DEMO["model"]["device"]
 
 
 # The justfile

@@ -111,6 +111,7 @@ def test_decoder_rows_unit_norm_after_steps():
 
 
 def test_parallel_gradient_removed():
+    torch.manual_seed(0)
     sae = make_sae()
     x_BD = torch.randn(16, D_IN)
     x_hat_BD, f_BF = sae(x_BD)
@@ -119,7 +120,8 @@ def test_parallel_gradient_removed():
     assert parallel_before_F.abs().max().item() > 1e-4
     sae.remove_gradient_parallel_to_decoder_directions()
     parallel_after_F = (sae.W_dec_FD.grad * sae.W_dec_FD).sum(dim=1)
-    assert parallel_after_F.abs().max().item() < 1e-5
+    # float32 rounding leaves a residue proportional to the gradient's size.
+    assert parallel_after_F.abs().max().item() < 1e-5 * sae.W_dec_FD.grad.norm().item()
 
 
 def test_topk_l0_equals_k():

@@ -69,6 +69,10 @@ class FixedOptions(SeparationOptions):
     prune_every: steps between pruning events in [t0, t1] (t1 always has one).
     min_connections: connections every latent keeps, at least 1.
     prune_decoder: also mask and prune the decoder, to the same density.
+    fvu_window: steps averaged for the fraction of variance unexplained (FVU) before
+        an event and after it. The pruning log records both, and the "adaptive"
+        feedback runs fvu_window steps after the event. Unset uses prune_every // 2 (at least
+        1). It must be at most prune_every.
     """
 
     target_density: float = 0.25
@@ -77,6 +81,7 @@ class FixedOptions(SeparationOptions):
     prune_every: int = 25
     min_connections: int = 8
     prune_decoder: bool = False
+    fvu_window: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +97,16 @@ class FixedOptions(SeparationOptions):
         for name, value in (("start_step", self.start_step), ("end_step", self.end_step)):
             if value is not None and value < 0:
                 raise PruningConfigError(f"invalid {name} {value}: it must be >= 0")
+        if self.fvu_window is not None and not 1 <= self.fvu_window <= self.prune_every:
+            raise PruningConfigError(
+                f"invalid fvu_window {self.fvu_window}: use 1 <= fvu_window <= prune_every ({self.prune_every}), "
+                "so that an event's feedback runs before the next event"
+            )
+
+    @property
+    def resolved_fvu_window(self) -> int:
+        """fvu_window, or prune_every // 2 (at least 1) when unset."""
+        return self.fvu_window if self.fvu_window is not None else max(1, self.prune_every // 2)
 
 
 @dataclass
@@ -110,9 +125,6 @@ class AdaptiveOptions(FixedOptions):
     k_max: largest k; unset uses 4 * k_init.
     regrow_fraction: share of an event's pruned connections regrown, those with the
         largest dense-gradient magnitude, when the FVU rose by more than tolerance.
-    fvu_window: steps averaged for the FVU before an event and after it; the feedback
-        runs fvu_window steps after the event. Unset uses prune_every // 2 (at least 1).
-        It must be at most prune_every.
     """
 
     beta: float = 0.5
@@ -120,7 +132,6 @@ class AdaptiveOptions(FixedOptions):
     k_init: int | None = None
     k_max: int | None = None
     regrow_fraction: float = 0.5
-    fvu_window: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,13 +151,3 @@ class AdaptiveOptions(FixedOptions):
             raise PruningConfigError(f"invalid k_max {self.k_max}: it must be >= k_init ({self.k_init})")
         if not 0.0 <= self.regrow_fraction <= 1.0:
             raise PruningConfigError(f"invalid regrow_fraction {self.regrow_fraction}: it must be in [0, 1]")
-        if self.fvu_window is not None and not 1 <= self.fvu_window <= self.prune_every:
-            raise PruningConfigError(
-                f"invalid fvu_window {self.fvu_window}: use 1 <= fvu_window <= prune_every ({self.prune_every}), "
-                "so that an event's feedback runs before the next event"
-            )
-
-    @property
-    def resolved_fvu_window(self) -> int:
-        """fvu_window, or prune_every // 2 (at least 1) when unset."""
-        return self.fvu_window if self.fvu_window is not None else max(1, self.prune_every // 2)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from trainer.pruning.options import SeparationOptions
 from trainer.saes.base import (
     SAE_CONFIG_FILE,
     SAE_WEIGHTS_FILE,
@@ -32,7 +33,6 @@ from trainer.saes.base import (
     SAELoss,
     read_sae_config,
 )
-from trainer.pruning.options import SeparationOptions
 from trainer.saes.standard import StandardSAE, StandardSAEConfig
 
 if TYPE_CHECKING:

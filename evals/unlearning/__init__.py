@@ -1,0 +1,1 @@
+"""Unlearning eval: clamp forget-specific SAE latents, measure WMDP-bio against MMLU accuracy."""

@@ -1,0 +1,158 @@
+"""Multiple-choice scoring against direct full-forward computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evals.unlearning.scoring import (
+    PERMUTATIONS,
+    MultipleChoiceScorer,
+    ScoringError,
+    cloze_prompt,
+    letter_prompt,
+    wilson_interval,
+)
+from pipeline.data import MCQuestion
+from tests.evals.unlearning.conftest import (
+    BOS_ID,
+    FORGET_WORDS,
+    RETAIN_WORDS,
+    build_model,
+    build_tokenizer,
+    choice_log_likelihood,
+    make_questions,
+)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def family_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    return build_model(request.param)
+
+
+def mixed_length_questions() -> list[MCQuestion]:
+    """Questions whose choices differ in length, so that batches need padding."""
+    generator = np.random.default_rng(0)
+    questions = []
+    for index in range(5):
+        words = FORGET_WORDS if index % 2 else RETAIN_WORDS
+        question = " ".join(generator.choice(words, size=1 + index))
+        choices = [" ".join(generator.choice(words, size=1 + (index + k) % 4)) for k in range(4)]
+        questions.append(
+            MCQuestion(doc_id=f"q:{index}", question=question, choices=choices, answer=index % 4, subject="test")
+        )
+    return questions
+
+
+def test_cloze_matches_full_forward(family_model: torch.nn.Module) -> None:
+    tokenizer = build_tokenizer()
+    questions = mixed_length_questions()
+    scorer = MultipleChoiceScorer(family_model, tokenizer, "cloze", batch_size=8)
+    scores = scorer.score(scorer.prepare(questions))
+
+    for index, question in enumerate(questions):
+        prompt_ids = [BOS_ID, *encode(tokenizer, cloze_prompt(question))]
+        expected = [
+            choice_log_likelihood(family_model, prompt_ids, encode(tokenizer, f" {choice}"))
+            for choice in question.choices
+        ]
+        np.testing.assert_allclose(scores.scores_Q4[index], expected, atol=1e-4)
+        order = np.argsort(expected)
+        assert scores.correct_Q[index] == (order[-1] == question.answer and expected[order[-1]] > expected[order[-2]])
+
+
+def test_cloze_independent_of_batching() -> None:
+    model = build_model("llama")
+    tokenizer = build_tokenizer()
+    questions = mixed_length_questions()
+    one_by_one = MultipleChoiceScorer(model, tokenizer, "cloze", batch_size=1)
+    batched = MultipleChoiceScorer(model, tokenizer, "cloze", batch_size=64, logit_chunk_size=3)
+
+    separate = one_by_one.score(one_by_one.prepare(questions)).scores_Q4
+    together = batched.score(batched.prepare(questions)).scores_Q4
+
+    np.testing.assert_allclose(separate, together, atol=1e-5)
+
+
+@torch.no_grad()
+def direct_letter_log_probs(model, tokenizer, question: MCQuestion, order) -> np.ndarray:
+    input_ids = torch.tensor([[BOS_ID, *encode(tokenizer, letter_prompt(question, order))]])
+    log_probs = torch.log_softmax(model(input_ids=input_ids).logits[0, -1].double(), dim=-1)
+    letter_ids = [encode(tokenizer, f" {letter}")[0] for letter in "ABCD"]
+    return log_probs[letter_ids].numpy()
+
+
+def test_letter_matches_direct_logits(family_model: torch.nn.Module) -> None:
+    tokenizer = build_tokenizer()
+    questions = mixed_length_questions()[:3]
+    scorer = MultipleChoiceScorer(family_model, tokenizer, "letter")
+    scores = scorer.score(scorer.prepare(questions))
+
+    for index, question in enumerate(questions):
+        expected = direct_letter_log_probs(family_model, tokenizer, question, (0, 1, 2, 3))
+        np.testing.assert_allclose(scores.scores_Q4[index], expected, atol=1e-4)
+
+
+def test_letter_permutation_filter() -> None:
+    model = build_model("llama")
+    tokenizer = build_tokenizer()
+    questions = mixed_length_questions()[:2]
+    scorer = MultipleChoiceScorer(model, tokenizer, "letter", batch_size=48)
+    scores = scorer.score(scorer.prepare(questions, all_permutations=True))
+
+    for index, question in enumerate(questions):
+        margins = []
+        for order in PERMUTATIONS:
+            by_letter = direct_letter_log_probs(model, tokenizer, question, order)
+            answer_letter = order.index(question.answer)
+            margins.append(by_letter[answer_letter] - np.delete(by_letter, answer_letter).max())
+        assert scores.correct_Q[index] == all(margin > 0 for margin in margins)
+        assert scores.margin_Q[index] == pytest.approx(min(margins), abs=1e-4)
+
+
+def test_lm_head_reads_only_scored_positions() -> None:
+    model = build_model("llama")
+    tokenizer = build_tokenizer()
+    questions = make_questions(model, FORGET_WORDS, 3, seed=1, subject="test")
+    rows_seen = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: rows_seen.append(inputs[0].shape)
+    )
+    try:
+        scorer = MultipleChoiceScorer(model, tokenizer, "cloze")
+        scorer.score(scorer.prepare(questions))
+    finally:
+        handle.remove()
+
+    # 3 questions x 4 choices x 3 choice tokens, each as one row of a 2-D input.
+    assert all(len(shape) == 2 for shape in rows_seen)
+    assert sum(shape[0] for shape in rows_seen) == 3 * 4 * 3
+
+
+def test_empty_choice_rejected() -> None:
+    scorer = MultipleChoiceScorer(build_model("llama"), build_tokenizer(), "cloze")
+    question = MCQuestion(doc_id="bad:7", question="f1", choices=["f1", "", "f2", "f3"], answer=0, subject="x")
+
+    with pytest.raises(ScoringError, match="bad:7"):
+        scorer.prepare([question])
+
+
+def test_invalid_mode_rejected() -> None:
+    with pytest.raises(ScoringError, match="invalid scoring mode"):
+        MultipleChoiceScorer(build_model("llama"), build_tokenizer(), "logits")  # type: ignore[arg-type]
+
+
+def test_wilson_interval_values() -> None:
+    assert wilson_interval(0, 0) == (None, None)
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4)
+    assert high == pytest.approx(0.9433, abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0
+    assert high == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
