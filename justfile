@@ -46,3 +46,15 @@ lint:
 # Benchmarks: `just bench harvest`, `just bench masks` (figures go in docs/benchmarks.md).
 bench what *args:
     knowsep bench {{what}} {{args}}
+
+# Unlearning sweep of a trained run: `just unlearn variant=adaptive preset=cpu`.
+unlearn *args:
+    knowsep eval unlearning --config {{config}} {{args}}
+
+# SAEBench sparse probing of a trained run: `just probe variant=standard`.
+probe *args:
+    knowsep eval sparse-probing --config {{config}} {{args}}
+
+# Export a run's SAE to SAELens's format: `just export runs/demo/adaptive/sae runs/demo/adaptive/saelens`.
+export sae_dir out_dir *args:
+    knowsep export {{sae_dir}} {{out_dir}} {{args}}

@@ -107,19 +107,57 @@ def build_train_config(config_path: Path | None, overrides: list[str]):
     return cfg
 
 
-def build_core_eval_config(config_path: Path | None, overrides: list[str]):
-    from evals.core.config import CoreEvalConfig
+RUN_SELECTORS = ("variant", "run_name", "runs_dir")
 
-    shared: dict[str, Any] = {}
+
+def build_eval_config(
+    cls: type[T],
+    section: str,
+    config_path: Path | None,
+    overrides: list[str],
+    defaults: dict[str, Any] | None = None,
+) -> T:
+    """Build an eval config; ``variant=``/``run_name=`` pick the run whose SAE is evaluated.
+
+    The model's dtype and device come from ``[model]``, and ``sae_path`` defaults to
+    ``<runs_dir>/<run_name>/sae`` of the ``[train]`` table. ``defaults`` (such as a
+    preset) apply below the file's table and the overrides.
+    """
+    shared: dict[str, Any] = dict(defaults or {})
     model = _model_table(config_path)
     for key in ("dtype", "device"):
         if key in model:
             shared[key] = model[key]
     if "sae_path" not in parse_overrides(overrides):
-        train_cfg = build_train_config(config_path, [o for o in overrides if o.split("=")[0] in ("variant", "run_name", "runs_dir")])
+        selectors = [item for item in overrides if item.split("=")[0] in RUN_SELECTORS]
+        train_cfg = build_train_config(config_path, selectors)
         shared["sae_path"] = str(Path(train_cfg.runs_dir) / train_cfg.run_name / "sae")
-    core_overrides = [o for o in overrides if o.split("=")[0] not in ("variant", "run_name", "runs_dir")]
-    return load_stage_config(CoreEvalConfig, "eval.core", config_path, core_overrides, shared=shared)
+    eval_overrides = [item for item in overrides if item.split("=")[0] not in RUN_SELECTORS]
+    return load_stage_config(cls, section, config_path, eval_overrides, shared=shared)
+
+
+def build_core_eval_config(config_path: Path | None, overrides: list[str]):
+    from evals.core.config import CoreEvalConfig
+
+    return build_eval_config(CoreEvalConfig, "eval.core", config_path, overrides)
+
+
+def build_unlearning_eval_config(config_path: Path | None, overrides: list[str]):
+    from evals.unlearning.config import PRESETS, UnlearningEvalConfig
+
+    # `preset=cpu` selects a smaller sweep; other overrides still apply on top.
+    preset_items = [item for item in overrides if item.split("=")[0] == "preset"]
+    others = [item for item in overrides if item.split("=")[0] != "preset"]
+    preset = preset_items[-1].partition("=")[2] if preset_items else "saebench"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return build_eval_config(UnlearningEvalConfig, "eval.unlearning", config_path, others, defaults=PRESETS[preset])
+
+
+def build_sparse_probing_eval_config(config_path: Path | None, overrides: list[str]):
+    from evals.sparse_probing.config import SparseProbingEvalConfig
+
+    return build_eval_config(SparseProbingEvalConfig, "eval.sparse_probing", config_path, overrides)
 
 
 @app.callback()
@@ -174,6 +212,49 @@ def eval_core(config: Path | None = ConfigOption, overrides: list[str] | None = 
     typer.echo(f"results: {output}")
 
 
+@eval_app.command("unlearning")
+def eval_unlearning(config: Path | None = ConfigOption, overrides: list[str] | None = OverridesArgument) -> None:
+    """Clamp forget-specific latents and measure WMDP-bio against MMLU accuracy over a sweep.
+
+    Fields: see `knowsep describe eval.unlearning`. `preset=cpu` runs a small sweep;
+    `variant=NAME` or `run_name=NAME` picks the run.
+    """
+    from evals.unlearning.main import run as run_unlearning
+
+    config_path = _config_path(config)
+    cfg = _run(lambda: build_unlearning_eval_config(config_path, overrides or []))
+    output = _run(lambda: run_unlearning(cfg))
+    typer.echo(f"results: {output}")
+
+
+@eval_app.command("sparse-probing")
+def eval_sparse_probing(config: Path | None = ConfigOption, overrides: list[str] | None = OverridesArgument) -> None:
+    """SAEBench sparse probing: one-vs-rest probes on top-k SAE latents against the raw activations.
+
+    Fields: see `knowsep describe eval.sparse_probing`. `variant=NAME` or `run_name=NAME` picks the run.
+    """
+    from evals.sparse_probing.main import run as run_probing
+
+    config_path = _config_path(config)
+    cfg = _run(lambda: build_sparse_probing_eval_config(config_path, overrides or []))
+    output = _run(lambda: run_probing(cfg))
+    typer.echo(f"results: {output}")
+
+
+@app.command()
+def export(
+    sae_dir: Path = typer.Argument(..., help="Directory of a knowsep SAE, e.g. runs/demo/adaptive/sae."),
+    out_dir: Path = typer.Argument(..., help="Directory to write cfg.json and sae_weights.safetensors to."),
+    model_name: str | None = typer.Option(None, "--model-name", help="Model name written for SAELens, e.g. google/gemma-3-270m; default: the store's model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export."),
+) -> None:
+    """Export an SAE to SAELens's format, with masks applied and the normalization folded in."""
+    from trainer.export import export_saelens
+
+    output = _run(lambda: export_saelens(sae_dir, out_dir, model_name=model_name, overwrite=overwrite))
+    typer.echo(f"exported: {output}")
+
+
 @app.command()
 def crossval(config: Path | None = ConfigOption, overrides: list[str] | None = OverridesArgument) -> None:
     """Cross-validate the variants over folds of forget documents (not built yet)."""
@@ -184,13 +265,22 @@ def crossval(config: Path | None = ConfigOption, overrides: list[str] | None = O
 
 
 @app.command()
-def describe(stage: str = typer.Argument(..., help="harvest, train or eval.core")) -> None:
+def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, eval.unlearning or eval.sparse_probing")) -> None:
     """Print every field of a stage's config, with its default and meaning."""
     from evals.core.config import CoreEvalConfig
     from pipeline.config import HarvestConfig
     from trainer.config import TrainConfig
 
-    classes = {"harvest": HarvestConfig, "train": TrainConfig, "eval.core": CoreEvalConfig}
+    from evals.sparse_probing.config import SparseProbingEvalConfig
+    from evals.unlearning.config import UnlearningEvalConfig
+
+    classes = {
+        "harvest": HarvestConfig,
+        "train": TrainConfig,
+        "eval.core": CoreEvalConfig,
+        "eval.unlearning": UnlearningEvalConfig,
+        "eval.sparse_probing": SparseProbingEvalConfig,
+    }
     if stage not in classes:
         logger.error("unknown stage %r; choose one of %s", stage, ", ".join(classes))
         raise typer.Exit(code=2)

@@ -97,7 +97,7 @@ def test_smollm2_harvest_train_core_eval(knowsep_cache: Path, tmp_path: Path):
     assert metadata.token_counts["split"]["heldout"] > 0
 
     # A few SmolLM2 tokens (at positions 1 and 2 of some contexts) have residual norms 50
-    # to 100 times the median, so a batch's loss depends mostly on whether it holds one. Each
+    # to 100 times the median, so a batch's loss depends mostly on whether it contains one. Each
     # half of the run is one pass over the train split (all but < 15 rows), so the two
     # log lines average the loss over the same tokens, before and after a pass.
     batch_size = n_train // (TRAIN_STEPS // 2)

@@ -246,10 +246,14 @@ def export_saelens_sae(
     """Export an in-memory knowsep SAE to SAELens's format; see ``export_saelens``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise SAELensFormatError(f"{out_dir} already exists; pass overwrite=True or choose another directory")
+        raise SAELensFormatError(
+            f"{out_dir} already exists; pass overwrite=True or choose another directory"
+        )
     export_dtype = dtype or sae.cfg.dtype
     if export_dtype not in DTYPES:
-        raise SAELensFormatError(f"invalid dtype {export_dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise SAELensFormatError(
+            f"invalid dtype {export_dtype!r}: choose one of {', '.join(DTYPES)}"
+        )
 
     model_name = model_name or sae.cfg.metadata.get("model")
     if not model_name:
@@ -271,7 +275,9 @@ def export_saelens_sae(
     }
     activation = getattr(raw_sae.cfg, "activation", None)
     config = saelens_config(raw_sae, model_name=str(model_name), layer=int(layer), source=source)
-    check_export_matches(raw_sae, dense_sae_from_tensors(tensors, str(activation), config.get("k", 1), {}))
+    check_export_matches(
+        raw_sae, dense_sae_from_tensors(tensors, str(activation), config.get("k", 1), {})
+    )
     config["dtype"] = export_dtype
     weights = {
         name: tensor.to(DTYPES[export_dtype]).contiguous() for name, tensor in tensors.items()
@@ -282,7 +288,9 @@ def export_saelens_sae(
     staging.mkdir()
     try:
         save_file(weights, str(staging / SAELENS_WEIGHTS_FILE))
-        (staging / SAELENS_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (staging / SAELENS_CONFIG_FILE).write_text(
+            json.dumps(config, indent=2) + "\n", encoding="utf-8"
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -336,7 +344,9 @@ def knowsep_dtype(name: Any) -> str:
     """Map an SAELens dtype string (``float32``, ``torch.bfloat16``, ...) to knowsep's name."""
     text = str(name).removeprefix("torch.")
     if text not in DTYPES:
-        raise SAELensFormatError(f"unsupported SAELens dtype {name!r}: use one of {', '.join(DTYPES)}")
+        raise SAELensFormatError(
+            f"unsupported SAELens dtype {name!r}: use one of {', '.join(DTYPES)}"
+        )
     return text
 
 
@@ -348,7 +358,10 @@ def layer_of_hook(hook_name: str | None, hook_layer: Any) -> int | None:
     if match is None:
         # NOTE: knowsep reads only block outputs (hook_resid_post). An SAE on another
         # hook imports with layer None, and evals that need a layer reject it.
-        logger.warning("SAELens hook %s is not a block's hook_resid_post; the imported SAE has no layer", hook_name)
+        logger.warning(
+            "SAELens hook %s is not a block's hook_resid_post; the imported SAE has no layer",
+            hook_name,
+        )
         return None
     layer = int(match.group(1))
     if hook_layer is not None and int(hook_layer) != layer:
@@ -365,7 +378,9 @@ def check_supported(config: dict[str, Any], path: Path) -> tuple[str, int]:
         )
     activation_fn = config.get("activation_fn", "relu" if architecture == "standard" else "topk")
     if architecture == "standard" and activation_fn != "relu":
-        raise SAELensFormatError(f"{path}: activation_fn {activation_fn!r} is unsupported; import supports 'relu'")
+        raise SAELensFormatError(
+            f"{path}: activation_fn {activation_fn!r} is unsupported; import supports 'relu'"
+        )
     normalize = config.get("normalize_activations", "none")
     if normalize not in ("none", None, False):
         raise SAELensFormatError(
@@ -374,7 +389,9 @@ def check_supported(config: dict[str, Any], path: Path) -> tuple[str, int]:
         )
     reshape = config.get("reshape_activations", "none")
     if reshape not in ("none", None):
-        raise SAELensFormatError(f"{path}: reshape_activations {reshape!r} is unsupported; import supports 'none'")
+        raise SAELensFormatError(
+            f"{path}: reshape_activations {reshape!r} is unsupported; import supports 'none'"
+        )
     if architecture == "topk":
         if config.get("rescale_acts_by_decoder_norm"):
             raise SAELensFormatError(
@@ -426,7 +443,9 @@ def import_saelens(path: str | Path, *, device: str | None = None) -> StandardSA
             )
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
-            raise SAELensFormatError(f"{path / SAELENS_WEIGHTS_FILE}: {name} contains NaN or infinite values")
+            raise SAELensFormatError(
+                f"{path / SAELENS_WEIGHTS_FILE}: {name} contains NaN or infinite values"
+            )
     tensors = {name: tensor.to(torch.float64) for name, tensor in tensors.items()}
     if not config.get("apply_b_dec_to_input", True):
         tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
@@ -436,7 +455,8 @@ def import_saelens(path: str | Path, *, device: str | None = None) -> StandardSA
         "model": config.get("model_name"),
         "layer": layer_of_hook(hook_name, config.get("hook_layer")),
         "hook_name": hook_name,
-        "context_size": config.get("context_size") or (config.get("metadata") or {}).get("context_size"),
+        "context_size": config.get("context_size")
+        or (config.get("metadata") or {}).get("context_size"),
         "saelens_path": str(path),
         "saelens_architecture": config["architecture"],
         "variant": f"saelens-{config['architecture']}",

@@ -53,7 +53,8 @@ from evals.core.schema import (
 )
 from pipeline.models import load_model, resolve_device, splice_residual
 from stores.activations import ActivationStore
-from trainer.saes import BaseSAE, load_sae
+from trainer.export import load_any_sae
+from trainer.saes import BaseSAE
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class EvalInputs:
 def load_inputs(cfg: CoreEvalConfig) -> EvalInputs:
     """Load the SAE in float32 and open its store, checking that they belong together."""
     device = resolve_device(cfg.device)
-    sae = load_sae(cfg.sae_path, device=str(device))
+    # A SAELens directory (cfg.json + sae_weights.safetensors) loads as a raw-space SAE.
+    sae = load_any_sae(cfg.sae_path, device=str(device))
     sae = sae.to(torch.float32).eval()
     sae.requires_grad_(False)
 

@@ -37,9 +37,13 @@ class ProbingDataset:
 
     def __post_init__(self) -> None:
         if not self.local and not self.hub:
-            raise ValueError(f"dataset {self.name!r} has neither a local file nor a hub name; set local or hub")
+            raise ValueError(
+                f"dataset {self.name!r} has neither a local file nor a hub name; set local or hub"
+            )
         if self.max_records is not None and self.max_records < 1:
-            raise ValueError(f"invalid max_records {self.max_records} for dataset {self.name!r}: use >= 1 or None")
+            raise ValueError(
+                f"invalid max_records {self.max_records} for dataset {self.name!r}: use >= 1 or None"
+            )
         if self.classes is not None:
             self.classes = [str(label) for label in self.classes]
             if len(set(self.classes)) < 2:
@@ -131,7 +135,9 @@ class SparseProbingEvalConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"dataset names {names} repeat; give each dataset a unique name")
         if not self.k_values:
-            raise ValueError(f"k_values is empty: choose from {', '.join(map(str, SAEBENCH_K_VALUES))}")
+            raise ValueError(
+                f"k_values is empty: choose from {', '.join(map(str, SAEBENCH_K_VALUES))}"
+            )
         unsupported = sorted(set(self.k_values) - set(SAEBENCH_K_VALUES))
         if unsupported:
             raise ValueError(

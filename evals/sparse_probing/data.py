@@ -52,7 +52,9 @@ def load_labelled_texts(spec: ProbingDataset) -> dict[str, list[str]]:
     n_blank = 0
     n_records = 0
     wanted = set(spec.classes) if spec.classes is not None else None
-    for _, location, record in _iter_raw_records(source, split=spec.hub_split, hub_config=spec.hub_config):
+    for _, location, record in _iter_raw_records(
+        source, split=spec.hub_split, hub_config=spec.hub_config
+    ):
         for field_name in (spec.text_field, spec.label_field):
             if field_name not in record:
                 raise ProbingDataError(
@@ -62,7 +64,9 @@ def load_labelled_texts(spec: ProbingDataset) -> dict[str, list[str]]:
         text = record[spec.text_field]
         label = record[spec.label_field]
         if not isinstance(text, str):
-            raise ProbingDataError(f"field {spec.text_field!r} in {location} is {type(text).__name__}, expected a string")
+            raise ProbingDataError(
+                f"field {spec.text_field!r} in {location} is {type(text).__name__}, expected a string"
+            )
         if not isinstance(label, (str, int)):
             raise ProbingDataError(
                 f"field {spec.label_field!r} in {location} is {type(label).__name__}, expected a string or integer label"
@@ -144,7 +148,9 @@ def sample_class_pools(
                 f"dataset {dataset_name!r}: class {smallest_label!r} has {available} text(s), but each class needs "
                 "at least 2 (one for training, one for testing)"
             )
-        train_per_class = min(available - 1, max(1, math.floor(available * train_per_class / needed)))
+        train_per_class = min(
+            available - 1, max(1, math.floor(available * train_per_class / needed))
+        )
         test_per_class = available - train_per_class
         logger.warning(
             "dataset %s: class %s has %d texts, fewer than the %d needed for probe_train_set_size %d and "
@@ -167,7 +173,9 @@ def sample_class_pools(
         start = len(texts)
         texts.extend(class_texts[i] for i in chosen)
         train_pools[label] = np.arange(start, start + train_per_class)
-        test_pools[label] = np.arange(start + train_per_class, start + train_per_class + test_per_class)
+        test_pools[label] = np.arange(
+            start + train_per_class, start + train_per_class + test_per_class
+        )
     return ClassPools(
         texts=texts,
         train_pools=train_pools,
@@ -190,12 +198,17 @@ def one_vs_rest_task(
     n_positive = len(positives)
     other_labels = [other for other in pools if other != label]
     per_class = math.ceil(n_positive / len(other_labels))
-    candidates = np.concatenate([rng.permutation(pools[other])[:per_class] for other in other_labels])
+    candidates = np.concatenate(
+        [rng.permutation(pools[other])[:per_class] for other in other_labels]
+    )
     negatives = rng.permutation(candidates)[:n_positive]
 
     indices = np.concatenate([positives, negatives])
     targets = np.concatenate(
-        [np.full(n_positive, POSITIVE_LABEL, dtype=np.int64), np.full(len(negatives), NEGATIVE_LABEL, dtype=np.int64)]
+        [
+            np.full(n_positive, POSITIVE_LABEL, dtype=np.int64),
+            np.full(len(negatives), NEGATIVE_LABEL, dtype=np.int64),
+        ]
     )
     order = rng.permutation(len(indices))
     return indices[order], targets[order]

@@ -30,7 +30,12 @@ import torch
 
 from evals.common import default_output_path, epoch_millis, new_eval_id, write_eval_output
 from evals.sparse_probing.config import SAEBENCH_K_VALUES, ProbingDataset, SparseProbingEvalConfig
-from evals.sparse_probing.data import ClassPools, load_labelled_texts, one_vs_rest_task, sample_class_pools
+from evals.sparse_probing.data import (
+    ClassPools,
+    load_labelled_texts,
+    one_vs_rest_task,
+    sample_class_pools,
+)
 from evals.sparse_probing.probes import evaluate_probes
 from evals.sparse_probing.schema import (
     EVAL_TYPE_ID_SPARSE_PROBING,
@@ -140,7 +145,9 @@ def load_inputs(cfg: SparseProbingEvalConfig) -> EvalInputs:
 # Activations
 
 
-def tokenize_texts(loaded: LoadedModel, texts: list[str], context_length: int) -> tuple[list[list[int]], int]:
+def tokenize_texts(
+    loaded: LoadedModel, texts: list[str], context_length: int
+) -> tuple[list[list[int]], int]:
     """Tokenize like the activation store (BOS, then the text) and truncate; return ids and the truncated count."""
     encoded = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
     prefix = [] if loaded.bos_token_id is None else [int(loaded.bos_token_id)]
@@ -168,7 +175,10 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def pool_batch(
-    inputs: EvalInputs, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, sae_batch_size: int
+    inputs: EvalInputs,
+    input_ids_BL: torch.Tensor,
+    attention_mask_BL: torch.Tensor,
+    sae_batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Return the mean-pooled residual ``[B, D]`` and latents ``[B, F]``, the latents that fired, and the token count."""
     device = inputs.loaded.device
@@ -184,7 +194,9 @@ def pool_batch(
             "remove it from the dataset or raise context_length"
         )
 
-    acts_BLD = capture_residual(inputs.loaded.model, inputs.layer, input_ids_BL, attention_mask_BL).float()
+    acts_BLD = capture_residual(
+        inputs.loaded.model, inputs.layer, input_ids_BL, attention_mask_BL
+    ).float()
     weights_BL1 = (real_BL.float() / n_real_B[:, None].float())[..., None]
     llm_BD = (acts_BLD * weights_BL1).sum(dim=1)
 
@@ -204,12 +216,19 @@ def pool_batch(
     return llm_BD.cpu(), sae_BF.cpu(), fired_F.cpu(), int(n_real_B.sum())
 
 
-def collect_pooled_features(inputs: EvalInputs, texts: list[str], cfg: SparseProbingEvalConfig) -> PooledFeatures:
+def collect_pooled_features(
+    inputs: EvalInputs, texts: list[str], cfg: SparseProbingEvalConfig
+) -> PooledFeatures:
     """Run every text through the model and the SAE; rows follow ``texts``."""
     sequences, n_truncated = tokenize_texts(inputs.loaded, texts, cfg.context_length)
     tokenizer = inputs.loaded.tokenizer
     pad_id = next(
-        (int(token_id) for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id) if token_id is not None), 0
+        (
+            int(token_id)
+            for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+            if token_id is not None
+        ),
+        0,
     )
 
     # Batches of similar lengths waste little compute on padding.
@@ -229,7 +248,11 @@ def collect_pooled_features(inputs: EvalInputs, texts: list[str], cfg: SparsePro
         fired_F |= batch_fired_F
         n_tokens += batch_tokens
     return PooledFeatures(
-        llm_ND=llm_ND, sae_NF=sae_NF, n_tokens=n_tokens, n_truncated=n_truncated, fired_F=fired_F.numpy()
+        llm_ND=llm_ND,
+        sae_NF=sae_NF,
+        n_tokens=n_tokens,
+        n_truncated=n_truncated,
+        fired_F=fired_F.numpy(),
     )
 
 
@@ -262,7 +285,10 @@ def check_sae_informative(features: PooledFeatures, dataset_name: str, sae_path:
 
 
 def probe_dataset(
-    features: PooledFeatures, pools: ClassPools, cfg: SparseProbingEvalConfig, rng: np.random.Generator
+    features: PooledFeatures,
+    pools: ClassPools,
+    cfg: SparseProbingEvalConfig,
+    rng: np.random.Generator,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Fit every probe of every class's task; return the class-averaged metrics and the per-class ones."""
     per_class: dict[str, dict[str, float]] = {}
@@ -299,7 +325,11 @@ def evaluate_dataset(
     rng = np.random.default_rng([cfg.random_seed, dataset_index])
     texts_by_label = load_labelled_texts(spec)
     pools = sample_class_pools(
-        texts_by_label, cfg.probe_train_set_size, cfg.probe_test_set_size, rng, dataset_name=spec.name
+        texts_by_label,
+        cfg.probe_train_set_size,
+        cfg.probe_test_set_size,
+        rng,
+        dataset_name=spec.name,
     )
     logger.info(
         "sparse probing %s: %d classes, %d texts (train sets of %d, test sets of %d)",
@@ -340,18 +370,29 @@ def evaluate_dataset(
 # Output
 
 
-def average_over_datasets(details: list[SparseProbingResultDetail]) -> SparseProbingMetricCategories:
+def average_over_datasets(
+    details: list[SparseProbingResultDetail],
+) -> SparseProbingMetricCategories:
     """Average each metric over datasets; a metric no dataset has stays None."""
 
     def mean_of(name: str) -> float | None:
         values = [getattr(detail, name) for detail in details if getattr(detail, name) is not None]
         return float(np.mean(values)) if values else None
 
-    llm_names = ["llm_test_accuracy"] + [f"llm_top_{k}_test_accuracy" for k in SAEBENCH_K_VALUES]
-    sae_names = ["sae_test_accuracy"] + [f"sae_top_{k}_test_accuracy" for k in SAEBENCH_K_VALUES]
+    llm_top_k = {
+        f"llm_top_{k}_test_accuracy": mean_of(f"llm_top_{k}_test_accuracy")
+        for k in SAEBENCH_K_VALUES
+    }
+    sae_top_k = {
+        f"sae_top_{k}_test_accuracy": mean_of(f"sae_top_{k}_test_accuracy")
+        for k in SAEBENCH_K_VALUES
+    }
     return SparseProbingMetricCategories(
-        llm=SparseProbingLlmMetrics(**{name: mean_of(name) for name in llm_names}),
-        sae=SparseProbingSaeMetrics(**{name: mean_of(name) for name in sae_names}),
+        llm=SparseProbingLlmMetrics(
+            llm_test_accuracy=float(np.mean([detail.llm_test_accuracy for detail in details])),
+            **llm_top_k,
+        ),
+        sae=SparseProbingSaeMetrics(sae_test_accuracy=mean_of("sae_test_accuracy"), **sae_top_k),
     )
 
 

@@ -57,7 +57,7 @@ class SparseProbingSaeMetrics(BaseModel):
 
     sae_test_accuracy: float | None = Field(
         default=None,
-        description="Test accuracy of a probe on all mean-pooled SAE latents, averaged over tasks."
+        description="Test accuracy of a probe on all mean-pooled SAE latents, averaged over tasks.",
     )
     sae_top_1_test_accuracy: float | None = Field(
         default=None,
@@ -116,7 +116,9 @@ class SparseProbingResultDetail(SparseProbingSaeMetrics, SparseProbingLlmMetrics
     n_truncated_texts: int = Field(
         description="Texts longer than context_length tokens, of which only the beginning was used."
     )
-    n_tokens: int = Field(description="Tokens averaged into the pooled features (special tokens excluded).")
+    n_tokens: int = Field(
+        description="Tokens averaged into the pooled features (special tokens excluded)."
+    )
     sae_frac_alive: float = Field(
         description="Fraction of SAE latents active on at least one of those tokens."
     )

@@ -52,12 +52,13 @@ class UnlearningEvalConfig:
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         output: Path of the result JSON. None writes ``<run>/evals/unlearning.json``,
             where ``<run>`` is the parent directory of ``sae_path``.
-        scoring: ``cloze`` (mean per-token log-likelihood of each choice's text; the
-            default, because small base models answer letter prompts at chance) or
-            ``letter`` (log-probability of the letters " A" .. " D", for instruct models).
-        known_margin: A question is known when the unmodified model ranks the answer
-            first with a log-probability margin over the best wrong choice of more than
-            0 and at least this value (in letter mode: under all 24 orders of the choices).
+        scoring: ``cloze`` scores each choice by the mean per-token log-likelihood of its
+            text, and ``letter`` by the log-probability of its letter (" A" .. " D").
+            Cloze is the default because small base models answer letter prompts at
+            chance. Letter mode is for instruct models.
+        known_margin: Minimum log-probability margin of the answer over the best wrong
+            choice for a question to be known. The margin must also be above 0, and in
+            letter mode it must hold under all 24 orders of the choices.
         retain_thresholds: Latents firing on at least this fraction of retain tokens are
             never selected (SAEBench: 0.001, 0.01).
         n_features_list: Numbers of latents to clamp, taken by forget firing rate
@@ -217,6 +218,4 @@ def _check_integer(name: str, value: Any, *, minimum: int) -> None:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise UnlearningConfigError(
-            f"invalid {name} {value!r}: choose one of {', '.join(choices)}"
-        )
+        raise UnlearningConfigError(f"invalid {name} {value!r}: choose one of {', '.join(choices)}")

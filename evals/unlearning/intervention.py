@@ -68,7 +68,9 @@ class LatentClamp:
         if not (math.isfinite(norm_scale) and norm_scale > 0):
             raise InterventionError(f"invalid norm_scale {norm_scale}: it must be finite and > 0")
         self.sae = sae
-        self.latent_ids_C = torch.as_tensor(list(latent_ids), dtype=torch.long, device=sae.W_dec_FD.device)
+        self.latent_ids_C = torch.as_tensor(
+            list(latent_ids), dtype=torch.long, device=sae.W_dec_FD.device
+        )
         self.multiplier = float(multiplier)
         self.raw_space = sae.cfg.activation_space == "raw"
         self.input_scale = 1.0 if self.raw_space else float(norm_scale)
@@ -88,7 +90,9 @@ class LatentClamp:
 
     def apply(self, hidden_BLD: torch.Tensor, keep_BL: torch.Tensor | None) -> torch.Tensor:
         """Return the clamped residual; positions where ``keep_BL`` is True are left as they are."""
-        delta_BLD = self.delta(hidden_BLD.reshape(-1, hidden_BLD.shape[-1])).reshape(hidden_BLD.shape)
+        delta_BLD = self.delta(hidden_BLD.reshape(-1, hidden_BLD.shape[-1])).reshape(
+            hidden_BLD.shape
+        )
         if keep_BL is not None:
             delta_BLD = torch.where(keep_BL[..., None], torch.zeros_like(delta_BLD), delta_BLD)
         return (hidden_BLD.float() + delta_BLD).to(hidden_BLD.dtype)
@@ -112,10 +116,14 @@ def clamp_latents(
     ``input_ids`` raises `InterventionError`, because its special tokens are unknown.
     """
     clamp = LatentClamp(sae, latent_ids, multiplier, norm_scale)
-    special_S = torch.tensor(sorted({int(token_id) for token_id in special_token_ids}), dtype=torch.long)
+    special_S = torch.tensor(
+        sorted({int(token_id) for token_id in special_token_ids}), dtype=torch.long
+    )
     current: dict[str, torch.Tensor | None] = {"input_ids": None}
 
-    def record_input_ids(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def record_input_ids(
+        module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor):
             input_ids = args[0]
@@ -136,7 +144,8 @@ def clamp_latents(
         keep_BL = torch.isin(input_ids_BL, special_S.to(input_ids_BL.device))
         return clamp.apply(hidden_BLD, keep_BL)
 
-    base_model = model.get_decoder() if hasattr(model, "get_decoder") else model
+    get_decoder = getattr(model, "get_decoder", None)
+    base_model = get_decoder() if callable(get_decoder) else model
     handle = base_model.register_forward_pre_hook(record_input_ids, with_kwargs=True)
     try:
         with splice_residual(model, layer, clamp_residual):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from scipy import stats
 from evals.core.metrics import next_token_mask
 from evals.unlearning.scoring import lm_head_logits
 from stores.activations import ActivationStore
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 HELDOUT_SPLIT = 1
 DOMAIN_NAMES = ("forget", "retain")
@@ -66,7 +70,10 @@ def heldout_contexts_by_domain(
         arrays = store.read_shard(info.index, ["contexts", "context_corpus", "context_split"])
         heldout_C = arrays["context_split"] == HELDOUT_SPLIT
         for corpus_index in np.unique(arrays["context_corpus"][heldout_C]):
-            if corpus_index >= len(corpus_domains) or corpus_domains[corpus_index] not in DOMAIN_NAMES:
+            if (
+                corpus_index >= len(corpus_domains)
+                or corpus_domains[corpus_index] not in DOMAIN_NAMES
+            ):
                 raise ValueError(
                     f"store {store.path} has contexts of corpus index {int(corpus_index)}, which "
                     f"metadata.corpora does not describe with a forget or retain domain; the store is damaged"
@@ -83,14 +90,16 @@ def heldout_contexts_by_domain(
             else np.empty((0, store.metadata.context_size), dtype=np.int32)
         )
         if len(all_CT) > max_contexts:
-            all_CT = all_CT[np.sort(generator.choice(len(all_CT), size=max_contexts, replace=False))]
+            all_CT = all_CT[
+                np.sort(generator.choice(len(all_CT), size=max_contexts, replace=False))
+            ]
         contexts[name] = all_CT
     return contexts
 
 
 @torch.no_grad()
 def context_losses(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     contexts_CT: np.ndarray,
     special_token_ids: Sequence[int],
     *,

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 def _series(result: dict[str, Any]) -> dict[str, list[float]]:
     """Return the x, y values and their error bar lengths of one result's sweep points."""
-    columns: dict[str, list[float]] = {name: [] for name in ("x", "y", "x_low", "x_high", "y_low", "y_high")}
+    columns: dict[str, list[float]] = {
+        name: [] for name in ("x", "y", "x_low", "x_high", "y_low", "y_high")
+    }
     for point in result.get("eval_result_details", []):
         mmlu, wmdp = point["mmlu"], point["wmdp_bio"]
         if mmlu["accuracy"] is None or wmdp["accuracy"] is None:
@@ -70,7 +72,9 @@ def plot_pareto(result_paths: Sequence[str | Path], output_path: str | Path) -> 
             label=label,
         )
     if threshold is not None:
-        axes.axvline(threshold, color="grey", linestyle="--", linewidth=1, label=f"MMLU = {threshold}")
+        axes.axvline(
+            threshold, color="grey", linestyle="--", linewidth=1, label=f"MMLU = {threshold}"
+        )
     axes.set_xlabel("MMLU accuracy (known questions, side-effect subjects)")
     axes.set_ylabel("WMDP-bio accuracy (known questions)")
     axes.set_title("Unlearning sweep: lower right is better")
@@ -81,7 +85,9 @@ def plot_pareto(result_paths: Sequence[str | Path], output_path: str | Path) -> 
 
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".png", dir=output_path.parent)
+    handle, tmp_name = tempfile.mkstemp(
+        prefix=f".{output_path.name}.", suffix=".png", dir=output_path.parent
+    )
     os.close(handle)
     try:
         figure.savefig(tmp_name, dpi=120)
@@ -91,7 +97,9 @@ def plot_pareto(result_paths: Sequence[str | Path], output_path: str | Path) -> 
         raise
     finally:
         plt.close(figure)
-    logger.info("Wrote the unlearning Pareto plot of %d result(s) to %s", len(result_paths), output_path)
+    logger.info(
+        "Wrote the unlearning Pareto plot of %d result(s) to %s", len(result_paths), output_path
+    )
     return output_path
 
 
@@ -99,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry: ``OUT.png RESULT.json [RESULT.json ...]``."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if len(arguments) < 2:
-        raise SystemExit("usage: python -m evals.unlearning.plot OUT.png RESULT.json [RESULT.json ...]")
+        raise SystemExit(
+            "usage: python -m evals.unlearning.plot OUT.png RESULT.json [RESULT.json ...]"
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     plot_pareto(arguments[1:], arguments[0])
 

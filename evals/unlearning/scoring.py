@@ -4,9 +4,9 @@ Two modes:
 
 - ``cloze``: each choice is scored by the mean per-token log-likelihood of its text
   (``" " + choice``) after ``"Question: <question>\\nAnswer:"``. The prediction is the
-  choice with the highest score. Base models answer this way far better than by letter.
+  choice with the highest score. Small base models score far better this way than by letter.
 - ``letter``: one prompt lists the question and its lettered choices and ends with
-  ``"\\nAnswer:"``; each choice is scored by the log-probability of its letter token
+  ``"\\nAnswer:"``. Each choice is scored by the log-probability of its letter token
   (``" A"`` .. ``" D"``) as the next token.
 
 The prompt and each continuation are tokenized separately (no special tokens) and
@@ -24,14 +24,17 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from pipeline.data import CHOICE_LETTERS, N_CHOICES, MCQuestion
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,23 @@ class QuestionScores:
     margin_Q: np.ndarray
 
 
+@dataclass(frozen=True)
+class PaddedBatch:
+    """One forward pass of the scorer: whole questions, their sequences padded on the right.
+
+    Attributes:
+        question_indices: Positions of the batch's questions in the list given to `score`.
+        items: Those questions.
+        input_ids_BL: Token ids, padded with the tokenizer's pad id.
+        attention_mask_BL: 1 on real tokens, 0 on padding.
+    """
+
+    question_indices: list[int]
+    items: list[PreparedQuestion]
+    input_ids_BL: torch.Tensor
+    attention_mask_BL: torch.Tensor
+
+
 class MultipleChoiceScorer:
     """Score four-choice questions with a causal LM, running the LM head only on scored positions.
 
@@ -150,14 +170,14 @@ class MultipleChoiceScorer:
         tokenizer: Its tokenizer.
         mode: ``cloze`` or ``letter``.
         batch_size: Maximum sequences per forward pass. A question's sequences always go
-            in the same batch, so a batch holds at least one whole question.
+            in the same batch, so a batch contains at least one whole question.
         logit_chunk_size: Scored positions per chunk of the LM head and log-softmax,
             which bounds memory at about ``3 * chunk * vocabulary`` float32 values.
     """
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         tokenizer: Any,
         mode: ScoringMode = "cloze",
         *,
@@ -261,42 +281,56 @@ class MultipleChoiceScorer:
         """Score prepared questions under whatever interventions are active on the model."""
         n_questions = len(prepared)
         per_sequence: list[np.ndarray | None] = [None] * n_questions
-        # Questions of similar length share a batch, which keeps padding low.
-        order = sorted(range(n_questions), key=lambda index: prepared[index].n_tokens)
-        for batch in self._batches(order, prepared):
-            results = self._score_batch([prepared[index] for index in batch])
-            for index, result in zip(batch, results, strict=True):
+        for batch in self.padded_batches(prepared):
+            results = self._score_batch(batch)
+            for index, result in zip(batch.question_indices, results, strict=True):
                 per_sequence[index] = result
 
         scores_Q4 = np.zeros((n_questions, N_CHOICES), dtype=np.float64)
         correct_Q = np.zeros(n_questions, dtype=bool)
         margin_Q = np.zeros(n_questions, dtype=np.float64)
         for index, item in enumerate(prepared):
-            result = per_sequence[index]
-            assert result is not None
-            scores_Q4[index], correct_Q[index], margin_Q[index] = self._reduce(item, result)
+            item_scores = per_sequence[index]
+            assert item_scores is not None
+            scores_Q4[index], correct_Q[index], margin_Q[index] = self._reduce(item, item_scores)
         return QuestionScores(scores_Q4=scores_Q4, correct_Q=correct_Q, margin_Q=margin_Q)
 
-    def _batches(
-        self, order: list[int], prepared: Sequence[PreparedQuestion]
-    ) -> list[list[int]]:
-        batches: list[list[int]] = []
+    def padded_batches(self, prepared: Sequence[PreparedQuestion]) -> Iterator[PaddedBatch]:
+        """Yield the right-padded model inputs that `score` runs, whole questions per batch.
+
+        Questions are sorted by token count first, so that a batch contains questions of
+        similar length and little padding.
+        """
+        order = sorted(range(len(prepared)), key=lambda index: prepared[index].n_tokens)
         current: list[int] = []
         n_sequences = 0
         for index in order:
             size = len(prepared[index].sequences)
             if current and n_sequences + size > self.batch_size:
-                batches.append(current)
+                yield self._pad(prepared, current)
                 current, n_sequences = [], 0
             current.append(index)
             n_sequences += size
         if current:
-            batches.append(current)
-        return batches
+            yield self._pad(prepared, current)
 
-    def _reduce(
-        self, item: PreparedQuestion, result: np.ndarray
-    ) -> tuple[np.ndarray, bool, float]:
+    def _pad(self, prepared: Sequence[PreparedQuestion], indices: list[int]) -> PaddedBatch:
+        items = [prepared[index] for index in indices]
+        sequences = [sequence for item in items for sequence in item.sequences]
+        max_length = max(len(sequence) for sequence in sequences)
+        input_ids_BL = torch.full((len(sequences), max_length), self.pad_token_id, dtype=torch.long)
+        attention_mask_BL = torch.zeros((len(sequences), max_length), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            input_ids_BL[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask_BL[row, : len(sequence)] = 1
+        return PaddedBatch(
+            question_indices=indices,
+            items=items,
+            input_ids_BL=input_ids_BL.to(self.device),
+            attention_mask_BL=attention_mask_BL.to(self.device),
+        )
+
+    def _reduce(self, item: PreparedQuestion, result: np.ndarray) -> tuple[np.ndarray, bool, float]:
         answer = item.question.answer
         if self.mode == "cloze":
             scores_4 = result
@@ -316,23 +350,13 @@ class MultipleChoiceScorer:
             margin_min = min(margin_min, margin)
         return scores_4, correct_all, margin_min
 
-    def _score_batch(self, items: list[PreparedQuestion]) -> list[np.ndarray]:
+    def _score_batch(self, batch: PaddedBatch) -> list[np.ndarray]:
         """Return per question ``[4]`` mean log-likelihoods (cloze) or ``[orders, 4]`` letter log-probs."""
+        items = batch.items
         sequences = [sequence for item in items for sequence in item.sequences]
         starts = [start for item in items for start in item.score_starts]
-        max_length = max(len(sequence) for sequence in sequences)
-        input_ids_BL = torch.full(
-            (len(sequences), max_length), self.pad_token_id, dtype=torch.long
-        )
-        attention_mask_BL = torch.zeros((len(sequences), max_length), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids_BL[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-            attention_mask_BL[row, : len(sequence)] = 1
-        input_ids_BL = input_ids_BL.to(self.device)
-        attention_mask_BL = attention_mask_BL.to(self.device)
-
         hidden_BLD = self.decoder(
-            input_ids=input_ids_BL, attention_mask=attention_mask_BL, use_cache=False
+            input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL, use_cache=False
         ).last_hidden_state
 
         # Gather the scored positions of every sequence into one flat list.
@@ -385,7 +409,9 @@ class MultipleChoiceScorer:
             )
         return torch.cat(pieces)
 
-    def _letter_log_probs(self, hidden_ND: torch.Tensor, letter_ids_4: torch.Tensor) -> torch.Tensor:
+    def _letter_log_probs(
+        self, hidden_ND: torch.Tensor, letter_ids_4: torch.Tensor
+    ) -> torch.Tensor:
         pieces = []
         for start in range(0, hidden_ND.shape[0], self.logit_chunk_size):
             log_probs_CV = torch.log_softmax(
@@ -395,7 +421,7 @@ class MultipleChoiceScorer:
         return torch.cat(pieces)
 
 
-def lm_head_logits(model: torch.nn.Module, hidden_ND: torch.Tensor) -> torch.Tensor:
+def lm_head_logits(model: PreTrainedModel, hidden_ND: torch.Tensor) -> torch.Tensor:
     """Apply the LM head (and Gemma's final logit soft-capping when configured) to hidden states, in float32."""
     logits_NV = model.get_output_embeddings()(hidden_ND)
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)

@@ -111,8 +111,8 @@ def matched_random_latents(
     """Draw one random control latent per selected latent, with a similar firing rate.
 
     For each selected latent, in order, the control is drawn uniformly from the
-    ``pool_size`` unused latents whose rate in ``rates_F`` is closest to its own (on a
-    log scale, so that 0.001 and 0.002 count as close as 0.1 and 0.2). Controls are
+    ``pool_size`` unused latents whose rate in ``rates_F`` is closest to its own.
+    Distances are taken on a log scale, so 0.001 and 0.002 count as close as 0.1 and 0.2. Controls are
     never selected latents and never repeat. Dead latents (rate 0) are used only when
     nothing else is left.
     """
@@ -190,7 +190,9 @@ def firing_rates_from_store(
         for start in range(0, len(rows), batch_size):
             x_BD = torch.from_numpy(acts_ND[start : start + batch_size]).to(device)
             f_BF = sae.encode(x_BD if raw_space else x_BD * norm_scale)
-            domain_B = torch.from_numpy(domain_N[start : start + batch_size].astype(np.int64)).to(device)
+            domain_B = torch.from_numpy(domain_N[start : start + batch_size].astype(np.int64)).to(
+                device
+            )
             counts_2F.index_add_(0, domain_B, (f_BF > 0).double())
         tokens_2 += np.bincount(domain_N, minlength=2)[:2]
 

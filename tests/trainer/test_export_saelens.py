@@ -63,7 +63,9 @@ def standard_sae(activation: str, seed: int = 0) -> StandardSAE:
 
 
 def masked_sae(prune_decoder: bool) -> BaseSAE:
-    masked = pytest.importorskip("trainer.saes.masked", reason="the masked SAE module is not available")
+    masked = pytest.importorskip(
+        "trainer.saes.masked", reason="the masked SAE module is not available"
+    )
     from stores.masks import PackedMask
 
     cfg = masked.MaskedSAEConfig(
@@ -78,7 +80,9 @@ def masked_sae(prune_decoder: bool) -> BaseSAE:
     generator = torch.Generator().manual_seed(4)
     sae.set_encoder_mask(PackedMask.from_dense(torch.rand(D_SAE, D_IN, generator=generator) < 0.5))
     if prune_decoder:
-        sae.set_decoder_mask(PackedMask.from_dense(torch.rand(D_SAE, D_IN, generator=generator) < 0.5))
+        sae.set_decoder_mask(
+            PackedMask.from_dense(torch.rand(D_SAE, D_IN, generator=generator) < 0.5)
+        )
     return sae
 
 
@@ -169,7 +173,9 @@ def test_import_of_saelens_saved_sae(tmp_path: Path) -> None:
     imported = import_saelens(tmp_path / "saelens")
     x_BD = torch.randn(100, D_IN)
     with torch.no_grad():
-        torch.testing.assert_close(imported.encode(x_BD), original.encode(x_BD), atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(
+            imported.encode(x_BD), original.encode(x_BD), atol=ATOL, rtol=1e-5
+        )
         torch.testing.assert_close(imported(x_BD)[0], original(x_BD), atol=ATOL, rtol=1e-5)
     assert imported.cfg.metadata["layer"] == LAYER
     assert imported.cfg.metadata["model"] == "tiny-model"
@@ -281,7 +287,10 @@ def rewrite_config(out_dir: Path, **changes) -> None:
     [
         ({"architecture": "jumprelu"}, "'jumprelu'"),
         ({"normalize_activations": "expected_average_only_in"}, "normalize_activations"),
-        ({"architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm"),
+        (
+            {"architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": True},
+            "rescale_acts_by_decoder_norm",
+        ),
         ({"d_sae": D_SAE + 1}, "has shape"),
     ],
 )

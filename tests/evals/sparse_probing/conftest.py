@@ -90,7 +90,9 @@ def probing_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "root": root,
         "model_dir": model_dir,
-        "dataset": write_labelled_jsonl(root / "separable.jsonl", {label: 60 for label in range(N_CLASSES)}),
+        "dataset": write_labelled_jsonl(
+            root / "separable.jsonl", {label: 60 for label in range(N_CLASSES)}
+        ),
         "identity_sae": save_sae(root / "runs" / "identity" / "sae", model_dir, "identity"),
         "zero_sae": save_sae(root / "runs" / "zero" / "sae", model_dir, "zero"),
         "constant_sae": save_sae(root / "runs" / "constant" / "sae", model_dir, "constant"),

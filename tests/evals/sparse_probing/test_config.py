@@ -18,7 +18,14 @@ def test_default_dataset_is_ag_news() -> None:
 def test_build_from_table() -> None:
     table = {
         "sae_path": "runs/x/sae",
-        "datasets": [{"name": "topics", "local": "topics.jsonl", "label_field": "topic", "classes": ["a", "b"]}],
+        "datasets": [
+            {
+                "name": "topics",
+                "local": "topics.jsonl",
+                "label_field": "topic",
+                "classes": ["a", "b"],
+            }
+        ],
         "k_values": "5, 1",
         "probe_train_set_size": "200",
     }
@@ -33,7 +40,10 @@ def test_build_from_table() -> None:
 
 def test_build_unknown_dataset_field_raises() -> None:
     with pytest.raises(ConfigError, match="datasets"):
-        build(SparseProbingEvalConfig, {"sae_path": "s", "datasets": [{"name": "a", "local": "a.jsonl", "labels": "x"}]})
+        build(
+            SparseProbingEvalConfig,
+            {"sae_path": "s", "datasets": [{"name": "a", "local": "a.jsonl", "labels": "x"}]},
+        )
 
 
 @pytest.mark.parametrize(
@@ -45,7 +55,15 @@ def test_build_unknown_dataset_field_raises() -> None:
         ({"k_values": [1, 3]}, r"invalid k_values \[3\]"),
         ({"dtype": "int8"}, "invalid dtype"),
         ({"datasets": []}, "datasets is empty"),
-        ({"datasets": [ProbingDataset(name="a", local="a"), ProbingDataset(name="a", local="b")]}, "repeat"),
+        (
+            {
+                "datasets": [
+                    ProbingDataset(name="a", local="a"),
+                    ProbingDataset(name="a", local="b"),
+                ]
+            },
+            "repeat",
+        ),
     ],
 )
 def test_invalid_config_raises(overrides: dict, message: str) -> None:

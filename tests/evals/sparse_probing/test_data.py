@@ -54,7 +54,11 @@ def test_load_missing_label_field_raises(tmp_path: Path) -> None:
 
 
 def test_load_skips_blank_texts(tmp_path: Path) -> None:
-    records = [{"text": "w1 w2", "label": 0}, {"text": "   ", "label": 0}, {"text": "w3", "label": 1}]
+    records = [
+        {"text": "w1 w2", "label": 0},
+        {"text": "   ", "label": 0},
+        {"text": "w3", "label": 1},
+    ]
     path = tmp_path / "set.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     assert load_labelled_texts(local_dataset(path)) == {"0": ["w1 w2"], "1": ["w3"]}
@@ -76,13 +80,17 @@ def texts_by_label(counts: dict[str, int]) -> dict[str, list[str]]:
 
 
 def test_pools_are_disjoint_and_sized() -> None:
-    pools = sample_class_pools(texts_by_label({"a": 40, "b": 40, "c": 40}), 20, 10, np.random.default_rng(0))
+    pools = sample_class_pools(
+        texts_by_label({"a": 40, "b": 40, "c": 40}), 20, 10, np.random.default_rng(0)
+    )
     assert (pools.train_per_class, pools.test_per_class) == (10, 5)
     assert (pools.probe_train_set_size, pools.probe_test_set_size) == (20, 10)
     assert not pools.downsized
     train = np.concatenate(list(pools.train_pools.values()))
     test = np.concatenate(list(pools.test_pools.values()))
-    assert len(set(train.tolist()) | set(test.tolist())) == len(train) + len(test) == len(pools.texts)
+    assert (
+        len(set(train.tolist()) | set(test.tolist())) == len(train) + len(test) == len(pools.texts)
+    )
     for label, indices in pools.train_pools.items():
         assert all(pools.texts[i].startswith(f"{label}-") for i in indices)
 

@@ -7,7 +7,9 @@ import numpy as np
 from evals.sparse_probing.probes import evaluate_probes, fit_probe, top_k_by_mean_difference
 
 
-def synthetic_task(n: int = 200, n_features: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_task(
+    n: int = 200, n_features: int = 20, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Features where only 3 (strongly) and 7 (weakly, negatively) depend on the label."""
     rng = np.random.default_rng(seed)
     labels_N = rng.permutation(np.repeat([0, 1], n // 2))
@@ -37,12 +39,16 @@ def test_top_k_above_width_returns_all() -> None:
 
 def test_fit_probe_separable_and_noise() -> None:
     features_NF, labels_N = synthetic_task(n=400)
-    separable = fit_probe(features_NF[:200], labels_N[:200], features_NF[200:], labels_N[200:], max_iter=1000)
+    separable = fit_probe(
+        features_NF[:200], labels_N[:200], features_NF[200:], labels_N[200:], max_iter=1000
+    )
     assert separable.test_accuracy > 0.95
     assert separable.converged
 
     noise_NF = np.random.default_rng(1).normal(size=features_NF.shape)
-    chance = fit_probe(noise_NF[:200], labels_N[:200], noise_NF[200:], labels_N[200:], max_iter=1000)
+    chance = fit_probe(
+        noise_NF[:200], labels_N[:200], noise_NF[200:], labels_N[200:], max_iter=1000
+    )
     assert 0.3 < chance.test_accuracy < 0.7
 
 
@@ -53,7 +59,9 @@ def test_evaluate_probes_selects_on_train_only() -> None:
     # On the test set feature 3 carries nothing and feature 0 carries the label.
     test_X[:, 3] = np.random.default_rng(4).normal(size=len(test_X))
     test_X[:, 0] += 4.0 * test_y
-    accuracies, not_converged = evaluate_probes(train_X, train_y, test_X, test_y, [1, 5], max_iter=1000)
+    accuracies, not_converged = evaluate_probes(
+        train_X, train_y, test_X, test_y, [1, 5], max_iter=1000
+    )
 
     assert set(accuracies) == {"test_accuracy", "top_1_test_accuracy", "top_5_test_accuracy"}
     assert accuracies["top_1_test_accuracy"] < 0.7

@@ -71,7 +71,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
     )
 
 
@@ -95,7 +99,9 @@ def build_model(family: str = "llama") -> torch.nn.Module:
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**shared))
     else:
-        config = Gemma3TextConfig(**shared, head_dim=8, sliding_window=8, final_logit_softcapping=5.0)
+        config = Gemma3TextConfig(
+            **shared, head_dim=8, sliding_window=8, final_logit_softcapping=5.0
+        )
         model = Gemma3ForCausalLM(config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -120,7 +126,9 @@ def save_model(directory: Path, family: str = "llama") -> Path:
 
 
 @torch.no_grad()
-def sample_contexts(model: torch.nn.Module, word_ids: list[int], n_contexts: int, seed: int) -> np.ndarray:
+def sample_contexts(
+    model: torch.nn.Module, word_ids: list[int], n_contexts: int, seed: int
+) -> np.ndarray:
     """Contexts of BOS then words sampled from the model restricted to ``word_ids``."""
     generator = torch.Generator().manual_seed(seed)
     contexts = torch.full((n_contexts, CONTEXT_SIZE), BOS_ID, dtype=torch.long)
@@ -128,12 +136,16 @@ def sample_contexts(model: torch.nn.Module, word_ids: list[int], n_contexts: int
     allowed[word_ids] = 0.0
     for position in range(1, CONTEXT_SIZE):
         logits = model(input_ids=contexts[:, :position]).logits[:, -1].float() + allowed
-        contexts[:, position] = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+        contexts[:, position] = torch.multinomial(
+            torch.softmax(logits, -1), 1, generator=generator
+        )[:, 0]
     return contexts.numpy().astype(np.int32)
 
 
 @torch.no_grad()
-def choice_log_likelihood(model: torch.nn.Module, prompt_ids: list[int], choice_ids: list[int]) -> float:
+def choice_log_likelihood(
+    model: torch.nn.Module, prompt_ids: list[int], choice_ids: list[int]
+) -> float:
     """Mean log-likelihood of the choice tokens from a full forward with full-vocabulary logits."""
     input_ids = torch.tensor([prompt_ids + choice_ids])
     log_probs = torch.log_softmax(model(input_ids=input_ids).logits[0].double(), dim=-1)
@@ -153,7 +165,10 @@ def make_questions(
     """
     generator = np.random.default_rng(seed)
     texts = [
-        (" ".join(generator.choice(words, size=3)), [" ".join(generator.choice(words, size=3)) for _ in range(4)])
+        (
+            " ".join(generator.choice(words, size=3)),
+            [" ".join(generator.choice(words, size=3)) for _ in range(4)],
+        )
         for _ in range(n_questions)
     ]
     sequences = []
@@ -163,7 +178,9 @@ def make_questions(
     input_ids = torch.tensor(sequences)
     log_probs = torch.log_softmax(model(input_ids=input_ids).logits.double(), dim=-1)
     targets = input_ids[:, -3:]
-    scores = log_probs[:, -4:-1].gather(-1, targets[..., None])[..., 0].mean(-1).view(n_questions, 4)
+    scores = (
+        log_probs[:, -4:-1].gather(-1, targets[..., None])[..., 0].mean(-1).view(n_questions, 4)
+    )
     return [
         MCQuestion(
             doc_id=f"{subject}:{index}",
@@ -195,7 +212,9 @@ def identity_sae(norm_scale: float, store_dir: Path | None = None) -> StandardSA
         d_in=D_MODEL,
         d_sae=2 * D_MODEL,
         norm_scale=norm_scale,
-        metadata={"store": str(store_dir), "layer": LAYER, "variant": "standard"} if store_dir else {},
+        metadata={"store": str(store_dir), "layer": LAYER, "variant": "standard"}
+        if store_dir
+        else {},
         activation="relu",
     )
     sae = StandardSAE(cfg)
@@ -259,7 +278,15 @@ def write_store(model: torch.nn.Module, model_dir: Path, store_dir: Path) -> Pat
             "context_split": context_split,
         },
     )
-    store.finalize(norm_scale, {"split": {"train": int((split_N == 0).sum()), "heldout": int(n_tokens - (split_N == 0).sum())}})
+    store.finalize(
+        norm_scale,
+        {
+            "split": {
+                "train": int((split_N == 0).sum()),
+                "heldout": int(n_tokens - (split_N == 0).sum()),
+            }
+        },
+    )
     return store_dir
 
 

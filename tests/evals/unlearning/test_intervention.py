@@ -11,6 +11,7 @@ from evals.unlearning.loss import context_losses, mean_interval
 from evals.unlearning.scoring import MultipleChoiceScorer
 from evals.unlearning.selection import matched_random_latents
 from pipeline.models import capture_residual, decoder_layers
+from stores.masks import PackedMask
 from tests.evals.unlearning.conftest import (
     BOS_ID,
     D_MODEL,
@@ -25,29 +26,21 @@ from tests.evals.unlearning.conftest import (
     sample_contexts,
 )
 from trainer.saes import StandardSAE, StandardSAEConfig
+from trainer.saes.masked import MaskedSAE, MaskedSAEConfig
 
 SPECIAL_IDS = [0, 1, 2, 3]
 
 
 def random_sae(seed: int, norm_scale: float = 0.5) -> StandardSAE:
     torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=8, d_sae=16, norm_scale=norm_scale, b_dec_init="zeros"))
+    sae = StandardSAE(
+        StandardSAEConfig(d_in=8, d_sae=16, norm_scale=norm_scale, b_dec_init="zeros")
+    )
     sae.initialize()
     with torch.no_grad():
         sae.b_enc_F.normal_(0, 0.5)
         sae.b_dec_D.normal_(0, 0.5)
     return sae.eval()
-
-
-class RowMaskedSAE(StandardSAE):
-    """A standard SAE whose decode zeroes some decoder entries, as a masked variant does."""
-
-    def __init__(self, cfg: StandardSAEConfig, mask_FD: torch.Tensor) -> None:
-        super().__init__(cfg)
-        self.register_buffer("mask_FD", mask_FD)
-
-    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return f_BF @ (self.W_dec_FD * self.mask_FD) + self.b_dec_D
 
 
 def test_clamp_delta_formula() -> None:
@@ -61,7 +54,9 @@ def test_clamp_delta_formula() -> None:
     expected_ND = torch.zeros_like(x_ND)
     for latent in latents:
         fires_N = f_NF[:, latent] > 0
-        expected_ND += torch.where(fires_N, -7.0 - f_NF[:, latent], 0.0)[:, None] * sae.W_dec_FD[latent] / 0.5
+        expected_ND += (
+            torch.where(fires_N, -7.0 - f_NF[:, latent], 0.0)[:, None] * sae.W_dec_FD[latent] / 0.5
+        )
     torch.testing.assert_close(delta_ND, expected_ND, atol=1e-5, rtol=1e-5)
     assert (delta_ND.abs().sum(dim=1) > 0).any()
 
@@ -78,7 +73,9 @@ def test_clamp_sets_latents_and_keeps_error() -> None:
     clamped_NF = f_NF.clone()
     clamped_NF[:, latents] = torch.where(f_NF[:, latents] > 0, -4.0, f_NF[:, latents])
     error_ND = x_ND * 0.5 - sae.decode(f_NF)
-    torch.testing.assert_close(x_new_ND * 0.5, sae.decode(clamped_NF) + error_ND, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        x_new_ND * 0.5, sae.decode(clamped_NF) + error_ND, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_clamp_same_for_folded_sae() -> None:
@@ -92,17 +89,23 @@ def test_clamp_same_for_folded_sae() -> None:
 
 
 def test_clamp_uses_masked_decoder() -> None:
-    dense = random_sae(6)
-    mask_FD = (torch.rand(16, 8, generator=torch.Generator().manual_seed(7)) > 0.5).float()
-    masked = RowMaskedSAE(dense.cfg, mask_FD)
-    masked.load_state_dict({**dense.state_dict(), "mask_FD": mask_FD})
-    x_ND = torch.randn(30, 8, generator=torch.Generator().manual_seed(8)) * 3
+    torch.manual_seed(6)
+    cfg = MaskedSAEConfig(d_in=8, d_sae=16, norm_scale=0.5, b_dec_init="zeros", decoder_mask=True)
+    sae = MaskedSAE(cfg)
+    sae.initialize()
+    generator = torch.Generator().manual_seed(7)
+    sae.set_encoder_mask(PackedMask.from_dense(torch.rand(16, 8, generator=generator) > 0.3))
+    decoder_mask_FD = torch.rand(16, 8, generator=generator) > 0.5
+    sae.set_decoder_mask(PackedMask.from_dense(decoder_mask_FD))
+    x_ND = torch.randn(30, 8, generator=generator) * 3
 
-    delta_ND = LatentClamp(masked, [1], 5.0, norm_scale=0.5).delta(x_ND)
+    delta_ND = LatentClamp(sae, [1], 5.0, norm_scale=0.5).delta(x_ND)
 
-    f_N = masked.encode(x_ND * 0.5)[:, 1]
-    row_D = dense.W_dec_FD[1] * mask_FD[1] / 0.5
+    # The pruned decoder weights are still non-zero (no apply_masks_), so only the mask removes them.
+    f_N = sae.encode(x_ND * 0.5)[:, 1]
+    row_D = sae.W_dec_FD[1].detach() * decoder_mask_FD[1] / 0.5
     expected_ND = torch.where(f_N > 0, -5.0 - f_N, 0.0)[:, None] * row_D
+    assert (f_N > 0).any()
     torch.testing.assert_close(delta_ND, expected_ND, atol=1e-5, rtol=1e-5)
 
 
@@ -133,7 +136,9 @@ def test_clamp_skips_special_tokens_and_cleans_up(tiny_model: torch.nn.Module) -
             lambda module, args: captured.append(args[0].clone())
         )
         try:
-            with clamp_latents(tiny_model, 0, sae, [0], 30.0, norm_scale=0.5, special_token_ids=SPECIAL_IDS):
+            with clamp_latents(
+                tiny_model, 0, sae, [0], 30.0, norm_scale=0.5, special_token_ids=SPECIAL_IDS
+            ):
                 tiny_model(input_ids=input_ids)
             tiny_model(input_ids=input_ids)
         finally:
@@ -155,10 +160,16 @@ def test_clamp_rejects_inputs_embeds(tiny_model: torch.nn.Module) -> None:
             tiny_model(inputs_embeds=embeds)
 
 
-def effects(model, sae, norm_scale, latents, multiplier, scorer, prepared, contexts, baselines) -> dict:
+def effects(
+    model, sae, norm_scale, latents, multiplier, scorer, prepared, contexts, baselines
+) -> dict:
     """Known-set accuracies and mean loss rises under a clamp."""
-    with clamp_latents(model, 0, sae, latents, multiplier, norm_scale=norm_scale, special_token_ids=SPECIAL_IDS):
-        result = {name: float(scorer.score(items).correct_Q.mean()) for name, items in prepared.items()}
+    with clamp_latents(
+        model, 0, sae, latents, multiplier, norm_scale=norm_scale, special_token_ids=SPECIAL_IDS
+    ):
+        result = {
+            name: float(scorer.score(items).correct_Q.mean()) for name, items in prepared.items()
+        }
         for domain, contexts_CT in contexts.items():
             rise_C = context_losses(model, contexts_CT, SPECIAL_IDS) - baselines[domain]
             result[f"{domain}_rise"] = mean_interval(rise_C)
@@ -170,28 +181,41 @@ def test_positive_and_negative_controls(tiny_model: torch.nn.Module) -> None:
     forget_CT = sample_contexts(tiny_model, FORGET_IDS, 6, seed=21)
     retain_CT = sample_contexts(tiny_model, RETAIN_IDS, 6, seed=22)
     with torch.no_grad():
-        acts_ND = capture_residual(tiny_model, 0, torch.from_numpy(np.concatenate([forget_CT, retain_CT])).long())
+        acts_ND = capture_residual(
+            tiny_model, 0, torch.from_numpy(np.concatenate([forget_CT, retain_CT])).long()
+        )
     acts_ND = acts_ND[:, 1:].reshape(-1, D_MODEL)
     norm_scale = float(np.sqrt(D_MODEL / acts_ND.double().pow(2).sum(-1).mean().item()))
     sae = identity_sae(norm_scale)
 
     scorer = MultipleChoiceScorer(tiny_model, tokenizer, "cloze")
     prepared = {
-        "forget": scorer.prepare(make_questions(tiny_model, FORGET_WORDS, 16, seed=23, subject="wmdp-bio")),
-        "retain": scorer.prepare(make_questions(tiny_model, RETAIN_WORDS, 16, seed=24, subject="mmlu")),
+        "forget": scorer.prepare(
+            make_questions(tiny_model, FORGET_WORDS, 16, seed=23, subject="wmdp-bio")
+        ),
+        "retain": scorer.prepare(
+            make_questions(tiny_model, RETAIN_WORDS, 16, seed=24, subject="mmlu")
+        ),
     }
     for items in prepared.values():
         assert scorer.score(items).correct_Q.all()
     contexts = {"forget": forget_CT, "retain": retain_CT}
-    baselines = {domain: context_losses(tiny_model, contexts_CT, SPECIAL_IDS) for domain, contexts_CT in contexts.items()}
+    baselines = {
+        domain: context_losses(tiny_model, contexts_CT, SPECIAL_IDS)
+        for domain, contexts_CT in contexts.items()
+    }
 
     # Latents 0..FORGET_DIMS-1 fire on forget tokens only. The controls fire as often over all
     # tokens (about half of them) but on both domains.
     latents = list(range(FORGET_DIMS))
     pooled_rates_F = (sae.encode(acts_ND * norm_scale) > 0).double().mean(dim=0).numpy()
     controls = matched_random_latents(np.array(latents), pooled_rates_F, np.random.default_rng(0))
-    selected = effects(tiny_model, sae, norm_scale, latents, 100.0, scorer, prepared, contexts, baselines)
-    control = effects(tiny_model, sae, norm_scale, controls.tolist(), 100.0, scorer, prepared, contexts, baselines)
+    selected = effects(
+        tiny_model, sae, norm_scale, latents, 100.0, scorer, prepared, contexts, baselines
+    )
+    control = effects(
+        tiny_model, sae, norm_scale, controls.tolist(), 100.0, scorer, prepared, contexts, baselines
+    )
 
     # Positive control: forget loss rises far, known forget questions are lost, retain is untouched.
     assert selected["forget_rise"].ci_low > 1.0

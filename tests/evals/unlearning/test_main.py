@@ -55,7 +55,13 @@ def test_run_writes_saebench_layout(result: tuple[Path, dict], unlearning_setup:
     assert path == unlearning_setup["root"] / "runs" / "identity" / "evals" / "unlearning.json"
     assert path.with_suffix(".png").stat().st_size > 0
     assert output["eval_type_id"] == "unlearning"
-    for key in ("eval_config", "eval_id", "datetime_epoch_millis", "sae_bench_commit_hash", "sae_lens_id"):
+    for key in (
+        "eval_config",
+        "eval_id",
+        "datetime_epoch_millis",
+        "sae_bench_commit_hash",
+        "sae_lens_id",
+    ):
         assert key in output
     assert output["sae_cfg_dict"]["variant"] == "standard"
     assert output["eval_result_unstructured"]["firing_rates"]["source"] == "store"
@@ -73,10 +79,16 @@ def test_run_sweep_points(result: tuple[Path, dict]) -> None:
         assert set(point["mmlu_subjects"]) == set(MMLU_SUBJECTS[:4])
         assert set(point["reported_subjects"]) == {"college_biology"}
         assert point["mmlu"]["accuracy"] == 1.0
-        assert point["mmlu"]["n"] == sum(subject["n"] for subject in point["mmlu_subjects"].values())
+        assert point["mmlu"]["n"] == sum(
+            subject["n"] for subject in point["mmlu_subjects"].values()
+        )
         assert point["loss_rise"]["retain"]["mean_rise"] == 0.0
         assert point["counts_in_score"]
-        assert point["wmdp_bio"]["ci_low"] <= point["wmdp_bio"]["accuracy"] <= point["wmdp_bio"]["ci_high"]
+        assert (
+            point["wmdp_bio"]["ci_low"]
+            <= point["wmdp_bio"]["accuracy"]
+            <= point["wmdp_bio"]["ci_high"]
+        )
         assert set(point["control"]["latent_ids"]).isdisjoint(point["latent_ids"])
 
     assert all(point["wmdp_bio"]["accuracy"] < 0.5 for point in points)
@@ -107,7 +119,8 @@ def test_run_score_and_flags(result: tuple[Path, dict]) -> None:
 
 def test_run_empty_known_set(unlearning_setup: dict, tmp_path: Path) -> None:
     wrong = [
-        replace(question, answer=(question.answer + 1) % 4) for question in unlearning_setup["wmdp_questions"]
+        replace(question, answer=(question.answer + 1) % 4)
+        for question in unlearning_setup["wmdp_questions"]
     ]
     cfg = small_config(
         unlearning_setup,
@@ -125,7 +138,9 @@ def test_run_empty_known_set(unlearning_setup: dict, tmp_path: Path) -> None:
     assert output["eval_result_metrics"]["question_sets"]["wmdp-bio"]["n_known"] == 0
     assert output["eval_result_details"][0]["wmdp_bio"]["accuracy"] is None
     assert output["eval_result_metrics"]["loss"] is None
-    assert any("answers none" in warning for warning in output["eval_result_unstructured"]["warnings"])
+    assert any(
+        "on none of its" in warning for warning in output["eval_result_unstructured"]["warnings"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -135,13 +150,17 @@ def test_run_empty_known_set(unlearning_setup: dict, tmp_path: Path) -> None:
         ({"question": "f1", "choices": ["f1", "f2", "f3", "f4"], "answer": 4}, r"line 2.*answer 4"),
     ],
 )
-def test_run_bad_question_record(unlearning_setup: dict, tmp_path: Path, record: dict, message: str) -> None:
+def test_run_bad_question_record(
+    unlearning_setup: dict, tmp_path: Path, record: dict, message: str
+) -> None:
     good = {"question": "f1", "choices": ["f1", "f2", "f3", "f4"], "answer": 0}
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
 
     with pytest.raises(DataError, match=message):
-        run(small_config(unlearning_setup, wmdp_source=str(path), output=str(tmp_path / "out.json")))
+        run(
+            small_config(unlearning_setup, wmdp_source=str(path), output=str(tmp_path / "out.json"))
+        )
     assert not (tmp_path / "out.json").exists()
 
 
@@ -158,7 +177,8 @@ def test_heldout_question_filter(unlearning_setup: dict) -> None:
     ]
     assert 0 < len(questions) < 24
     assert [question.question for question in questions] == [
-        unlearning_setup["wmdp_questions"][int(doc_id.split(":")[1])].question for doc_id in expected
+        unlearning_setup["wmdp_questions"][int(doc_id.split(":")[1])].question
+        for doc_id in expected
     ]
 
 
@@ -169,7 +189,12 @@ def sweep_point(wmdp: float | None, mmlu: float, multiplier: float) -> Unlearnin
         return SetAccuracy(n=n, n_correct=correct, accuracy=value, ci_low=value, ci_high=value)
 
     measures = InterventionMeasures(
-        latent_ids=[0], wmdp_bio=accuracy(wmdp), mmlu=accuracy(mmlu), mmlu_subjects={}, reported_subjects={}, loss_rise=None
+        latent_ids=[0],
+        wmdp_bio=accuracy(wmdp),
+        mmlu=accuracy(mmlu),
+        mmlu_subjects={},
+        reported_subjects={},
+        loss_rise=None,
     )
     return UnlearningSweepPoint(
         **measures.model_dump(),
@@ -197,11 +222,15 @@ class FixedScorer:
         correct_Q = self.correct_Q[:n]
         scores_Q4 = np.zeros((n, 4))
         scores_Q4[np.arange(n), np.where(correct_Q, 0, 1)] = 1.0
-        return QuestionScores(scores_Q4=scores_Q4, correct_Q=correct_Q, margin_Q=np.where(correct_Q, 1.0, -1.0))
+        return QuestionScores(
+            scores_Q4=scores_Q4, correct_Q=correct_Q, margin_Q=np.where(correct_Q, 1.0, -1.0)
+        )
 
 
 def summary_for(n_correct: int, n_questions: int):
-    questions = [MCQuestion(f"q:{i}", "q", ["a", "b", "c", "d"], 0, "s") for i in range(n_questions)]
+    questions = [
+        MCQuestion(f"q:{i}", "q", ["a", "b", "c", "d"], 0, "s") for i in range(n_questions)
+    ]
     correct_Q = np.arange(n_questions) < n_correct
     return find_known_set(FixedScorer(correct_Q), questions, 0.0, 30).summary
 
@@ -211,7 +240,11 @@ def test_score_rule() -> None:
 
     known = {"wmdp-bio": KnownSet(summary=summary_for(90, 100))}
     pooled = summary_for(90, 100)
-    points = [sweep_point(0.3, 0.95, 200.0), sweep_point(0.6, 1.0, 50.0), sweep_point(0.5, 0.99, 100.0)]
+    points = [
+        sweep_point(0.3, 0.95, 200.0),
+        sweep_point(0.6, 1.0, 50.0),
+        sweep_point(0.5, 0.99, 100.0),
+    ]
 
     metrics = unlearning_metrics(points, known, pooled)
 
@@ -229,11 +262,13 @@ def test_at_chance_flag() -> None:
 
     assert chance.at_chance
     assert not knows.at_chance
-    assert chance.n_known == 26 and chance.known_too_small
+    assert chance.n_known == 26
+    assert chance.known_too_small
     cfg = UnlearningEvalConfig(sae_path="unused")
     warnings = honesty_warnings(cfg, {"wmdp-bio": chance, "mmlu": knows})
     assert len(warnings) == 2
-    assert "includes chance" in warnings[0] and "loss rise" in warnings[0]
+    assert "includes chance" in warnings[0]
+    assert "loss rise" in warnings[0]
     assert "too small" in warnings[1]
 
 

@@ -13,7 +13,13 @@ from evals.unlearning.plot import _series, main, plot_pareto
 def accuracy(value: float | None, n: int = 20) -> dict:
     if value is None:
         return {"n": 0, "n_correct": 0, "accuracy": None, "ci_low": None, "ci_high": None}
-    return {"n": n, "n_correct": int(value * n), "accuracy": value, "ci_low": value - 0.1, "ci_high": min(1.0, value + 0.1)}
+    return {
+        "n": n,
+        "n_correct": int(value * n),
+        "accuracy": value,
+        "ci_low": value - 0.1,
+        "ci_high": min(1.0, value + 0.1),
+    }
 
 
 def write_result(path: Path, variant: str, points: list[tuple[float | None, float]]) -> Path:
@@ -21,7 +27,9 @@ def write_result(path: Path, variant: str, points: list[tuple[float | None, floa
         "eval_type_id": "unlearning",
         "eval_config": {"mmlu_threshold": 0.99},
         "eval_result_metrics": {"unlearning": {"unlearning_score": 0.4}},
-        "eval_result_details": [{"wmdp_bio": accuracy(wmdp), "mmlu": accuracy(mmlu)} for wmdp, mmlu in points],
+        "eval_result_details": [
+            {"wmdp_bio": accuracy(wmdp), "mmlu": accuracy(mmlu)} for wmdp, mmlu in points
+        ],
         "sae_cfg_dict": {"variant": variant},
     }
     path.write_text(json.dumps(result))
@@ -29,7 +37,9 @@ def write_result(path: Path, variant: str, points: list[tuple[float | None, floa
 
 
 def test_series_skips_empty_sets(tmp_path: Path) -> None:
-    result = json.loads(write_result(tmp_path / "a.json", "standard", [(0.5, 1.0), (None, 0.9)]).read_text())
+    result = json.loads(
+        write_result(tmp_path / "a.json", "standard", [(0.5, 1.0), (None, 0.9)]).read_text()
+    )
 
     columns = _series(result)
 

@@ -44,7 +44,13 @@ def mixed_length_questions() -> list[MCQuestion]:
         question = " ".join(generator.choice(words, size=1 + index))
         choices = [" ".join(generator.choice(words, size=1 + (index + k) % 4)) for k in range(4)]
         questions.append(
-            MCQuestion(doc_id=f"q:{index}", question=question, choices=choices, answer=index % 4, subject="test")
+            MCQuestion(
+                doc_id=f"q:{index}",
+                question=question,
+                choices=choices,
+                answer=index % 4,
+                subject="test",
+            )
         )
     return questions
 
@@ -63,7 +69,9 @@ def test_cloze_matches_full_forward(family_model: torch.nn.Module) -> None:
         ]
         np.testing.assert_allclose(scores.scores_Q4[index], expected, atol=1e-4)
         order = np.argsort(expected)
-        assert scores.correct_Q[index] == (order[-1] == question.answer and expected[order[-1]] > expected[order[-2]])
+        assert scores.correct_Q[index] == (
+            order[-1] == question.answer and expected[order[-1]] > expected[order[-2]]
+        )
 
 
 def test_cloze_independent_of_batching() -> None:
@@ -136,7 +144,9 @@ def test_lm_head_reads_only_scored_positions() -> None:
 
 def test_empty_choice_rejected() -> None:
     scorer = MultipleChoiceScorer(build_model("llama"), build_tokenizer(), "cloze")
-    question = MCQuestion(doc_id="bad:7", question="f1", choices=["f1", "", "f2", "f3"], answer=0, subject="x")
+    question = MCQuestion(
+        doc_id="bad:7", question="f1", choices=["f1", "", "f2", "f3"], answer=0, subject="x"
+    )
 
     with pytest.raises(ScoringError, match="bad:7"):
         scorer.prepare([question])
