@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from knowsep.config import get_table, load_stage_config, load_toml, parse_overrides
+from knowsep.config import ConfigError, get_table, load_stage_config, load_toml, parse_overrides
 from knowsep.logs import setup_logging
 
 logger = logging.getLogger("knowsep")
@@ -268,11 +268,10 @@ def crossval(config: Path | None = ConfigOption, overrides: list[str] | None = O
 def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, eval.unlearning or eval.sparse_probing")) -> None:
     """Print every field of a stage's config, with its default and meaning."""
     from evals.core.config import CoreEvalConfig
-    from pipeline.config import HarvestConfig
-    from trainer.config import TrainConfig
-
     from evals.sparse_probing.config import SparseProbingEvalConfig
     from evals.unlearning.config import UnlearningEvalConfig
+    from pipeline.config import HarvestConfig
+    from trainer.config import TrainConfig
 
     classes = {
         "harvest": HarvestConfig,
