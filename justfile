@@ -58,3 +58,7 @@ probe *args:
 # Export a run's SAE to SAELens's format: `just export runs/demo/adaptive/sae runs/demo/adaptive/saelens`.
 export sae_dir out_dir *args:
     knowsep export {{sae_dir}} {{out_dir}} {{args}}
+
+# Verify the separation bounds of a trained run: `just bounds variant=adaptive`.
+bounds *args:
+    knowsep eval bounds --config {{config}} {{args}}

@@ -125,8 +125,9 @@ def build_eval_config(
     """
     shared: dict[str, Any] = dict(defaults or {})
     model = _model_table(config_path)
+    field_names = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in ("dtype", "device"):
-        if key in model:
+        if key in model and key in field_names:
             shared[key] = model[key]
     if "sae_path" not in parse_overrides(overrides):
         selectors = [item for item in overrides if item.split("=")[0] in RUN_SELECTORS]
@@ -152,6 +153,12 @@ def build_unlearning_eval_config(config_path: Path | None, overrides: list[str])
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     return build_eval_config(UnlearningEvalConfig, "eval.unlearning", config_path, others, defaults=PRESETS[preset])
+
+
+def build_bounds_eval_config(config_path: Path | None, overrides: list[str]):
+    from evals.bounds.config import BoundsEvalConfig
+
+    return build_eval_config(BoundsEvalConfig, "eval.bounds", config_path, overrides)
 
 
 def build_sparse_probing_eval_config(config_path: Path | None, overrides: list[str]):
@@ -227,6 +234,20 @@ def eval_unlearning(config: Path | None = ConfigOption, overrides: list[str] | N
     typer.echo(f"results: {output}")
 
 
+@eval_app.command("bounds")
+def eval_bounds(config: Path | None = ConfigOption, overrides: list[str] | None = OverridesArgument) -> None:
+    """Verify the separation bounds (per-token, expected retain damage, Cantelli firing) on held-out tokens.
+
+    Fields: see `knowsep describe eval.bounds`. `variant=NAME` or `run_name=NAME` picks the run.
+    """
+    from evals.bounds.main import run as run_bounds
+
+    config_path = _config_path(config)
+    cfg = _run(lambda: build_bounds_eval_config(config_path, overrides or []))
+    output = _run(lambda: run_bounds(cfg))
+    typer.echo(f"results: {output}")
+
+
 @eval_app.command("sparse-probing")
 def eval_sparse_probing(config: Path | None = ConfigOption, overrides: list[str] | None = OverridesArgument) -> None:
     """SAEBench sparse probing: one-vs-rest probes on top-k SAE latents against the raw activations.
@@ -265,8 +286,9 @@ def crossval(config: Path | None = ConfigOption, overrides: list[str] | None = O
 
 
 @app.command()
-def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, eval.unlearning or eval.sparse_probing")) -> None:
+def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, eval.unlearning, eval.sparse_probing or eval.bounds")) -> None:
     """Print every field of a stage's config, with its default and meaning."""
+    from evals.bounds.config import BoundsEvalConfig
     from evals.core.config import CoreEvalConfig
     from evals.sparse_probing.config import SparseProbingEvalConfig
     from evals.unlearning.config import UnlearningEvalConfig
@@ -279,6 +301,7 @@ def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, e
         "eval.core": CoreEvalConfig,
         "eval.unlearning": UnlearningEvalConfig,
         "eval.sparse_probing": SparseProbingEvalConfig,
+        "eval.bounds": BoundsEvalConfig,
     }
     if stage not in classes:
         logger.error("unknown stage %r; choose one of %s", stage, ", ".join(classes))

@@ -1,0 +1,1 @@
+"""Separation bounds eval: the clamp's per-token, expected damage and Cantelli firing bounds against held-out tokens."""
