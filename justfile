@@ -26,7 +26,7 @@ resume *args:
 eval-core *args:
     knowsep eval core --config {{config}} {{args}}
 
-# Cross-validate the variants over folds of forget documents (not built yet).
+# Cross-validate the variants over folds of WMDP-bio questions: `just crossval folds=5`.
 crossval *args:
     knowsep crossval --config {{config}} {{args}}
 

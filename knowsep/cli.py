@@ -276,20 +276,39 @@ def export(
     typer.echo(f"exported: {output}")
 
 
+def build_crossval_config(config_path: Path | None, overrides: list[str]):
+    from evals.crossval.config import CrossvalConfig
+
+    shared: dict[str, Any] = {}
+    if config_path is not None:
+        shared["runs_dir"] = build_train_config(config_path, []).runs_dir
+    model = _model_table(config_path)
+    unlearning = {key: model[key] for key in ("dtype", "device") if key in model}
+    if unlearning:
+        shared["unlearning"] = unlearning
+    return load_stage_config(CrossvalConfig, "crossval", config_path, overrides, shared=shared)
+
+
 @app.command()
 def crossval(config: Path | None = ConfigOption, overrides: list[str] | None = OverridesArgument) -> None:
-    """Cross-validate the variants over folds of forget documents (not built yet)."""
-    # TODO: cross-validation needs the unlearning eval; until both exist this
-    # command fails loudly instead of printing numbers.
-    logger.error("crossval is not built yet: it needs the unlearning eval and the fold statistics of the correlation cache")
-    raise typer.Exit(code=2)
+    """Cross-validate the variants over folds of WMDP-bio questions: select latents on k-1 folds, evaluate on the last.
+
+    Fields: see `knowsep describe crossval`. `folds=5` sets the number of folds.
+    """
+    from evals.crossval.main import run as run_crossval
+
+    config_path = _config_path(config)
+    cfg = _run(lambda: build_crossval_config(config_path, overrides or []))
+    output = _run(lambda: run_crossval(cfg))
+    typer.echo(f"results: {output}")
 
 
 @app.command()
-def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, eval.unlearning, eval.sparse_probing or eval.bounds")) -> None:
+def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, eval.unlearning, eval.sparse_probing, eval.bounds or crossval")) -> None:
     """Print every field of a stage's config, with its default and meaning."""
     from evals.bounds.config import BoundsEvalConfig
     from evals.core.config import CoreEvalConfig
+    from evals.crossval.config import CrossvalConfig
     from evals.sparse_probing.config import SparseProbingEvalConfig
     from evals.unlearning.config import UnlearningEvalConfig
     from pipeline.config import HarvestConfig
@@ -302,6 +321,7 @@ def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, e
         "eval.unlearning": UnlearningEvalConfig,
         "eval.sparse_probing": SparseProbingEvalConfig,
         "eval.bounds": BoundsEvalConfig,
+        "crossval": CrossvalConfig,
     }
     if stage not in classes:
         logger.error("unknown stage %r; choose one of %s", stage, ", ".join(classes))
@@ -344,8 +364,11 @@ def demo(
 
     step_start = time.perf_counter()
     run_dir = Path(train_cfg.runs_dir) / train_cfg.run_name
-    resume = (run_dir / "checkpoints").is_dir()
-    run_dir = _run(lambda: run_train(train_cfg, resume=resume))
+    if (run_dir / "sae" / "sae_config.json").is_file():
+        logger.info("Reusing the trained SAE in %s; delete %s to train it again", run_dir / "sae", run_dir)
+    else:
+        resume = (run_dir / "checkpoints").is_dir()
+        _run(lambda: run_train(train_cfg, resume=resume))
     timings["train"] = time.perf_counter() - step_start
 
     step_start = time.perf_counter()

@@ -74,6 +74,8 @@ class BatchStream:
         split: "train" or "heldout".
         domains: domain names to keep (e.g. ["retain"]); None or empty keeps all.
         corpora: corpus names to keep; None or empty keeps all.
+        exclude_folds: folds whose tokens are left out (cross-validation with one SAE
+            per fold); None or empty keeps all.
         shuffle_buffer_shards: shards loaded and shuffled together.
         device, dtype: where and in which dtype batches are returned.
         expected_d_in: when given, the store's d_model must equal it (the SAE's d_in).
@@ -88,6 +90,7 @@ class BatchStream:
         domains: Sequence[str] | None = None,
         corpora: Sequence[str] | None = None,
         *,
+        exclude_folds: Sequence[int] | None = None,
         shuffle_buffer_shards: int = 4,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -118,6 +121,12 @@ class BatchStream:
         self.split = split
         self.domains = list(domains or [])
         self.corpora = list(corpora or [])
+        self.exclude_folds = sorted(set(exclude_folds or []))
+        invalid_folds = [fold for fold in self.exclude_folds if not 0 <= fold < metadata.n_folds]
+        if invalid_folds:
+            raise BatchError(
+                f"invalid exclude_folds {invalid_folds}: the store has folds 0 to {metadata.n_folds - 1}"
+            )
         self.shuffle_buffer_shards = shuffle_buffer_shards
         self.device = torch.device(device)
         self.dtype = dtype
@@ -135,7 +144,7 @@ class BatchStream:
         if self.rows_per_epoch == 0:
             raise BatchError(
                 f"no tokens in store {store.path} match split={split!r}, domains={self.domains or 'all'}, "
-                f"corpora={self.corpora or 'all'}; the store's token counts are {metadata.token_counts}. "
+                f"corpora={self.corpora or 'all'}, exclude_folds={self.exclude_folds or 'none'}; the store's token counts are {metadata.token_counts}. "
                 "Choose a split, domain or corpus that holds tokens"
             )
         if self.rows_per_epoch < batch_size:
@@ -173,10 +182,12 @@ class BatchStream:
             keep_N &= np.isin(labels["domain"], self._domain_codes)
         if self._corpus_codes is not None:
             keep_N &= np.isin(labels["corpus"], self._corpus_codes)
+        if self.exclude_folds:
+            keep_N &= ~np.isin(labels["fold"], np.array(self.exclude_folds, dtype=np.uint8))
         return keep_N
 
     def _count_selected(self, info: ShardInfo) -> int:
-        labels = self.store.read_shard(info.index, ("split", "domain", "corpus"))
+        labels = self.store.read_shard(info.index, LABEL_FIELDS)
         return int(self._select(labels).sum())
 
     # Data order.

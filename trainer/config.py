@@ -59,6 +59,8 @@ class TrainConfig:
     dtype: dtype of the SAE parameters and batches ("float32" or "bfloat16").
     train_corpora: names of the store's corpora to train on; empty or unset uses all.
     domains: domains to train on ("forget", "retain"); empty or unset uses both.
+    exclude_folds: folds left out of training, for cross-validation with one SAE per
+        fold (mode "retrain"); empty or unset trains on every fold.
     split: store split to train on: "train" or "heldout".
     progress_bar: show a tqdm progress bar on the console.
     """
@@ -91,6 +93,7 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     train_corpora: list[str] | None = None
     domains: list[str] | None = None
+    exclude_folds: list[int] | None = None
     split: Literal["train", "heldout"] = "train"
     progress_bar: bool = True
 

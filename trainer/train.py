@@ -204,6 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         cfg.split,
         domains=cfg.domains,
         corpora=cfg.train_corpora,
+        exclude_folds=cfg.exclude_folds,
         shuffle_buffer_shards=cfg.shuffle_buffer_shards,
         device=device,
         dtype=torch_dtype(cfg.dtype),

@@ -86,10 +86,11 @@ def test_describe_unknown_stage():
 # Failures: exit code 2 and one line
 
 
-def test_crossval_not_built():
-    result = runner.invoke(app, ["crossval", "--config", str(DEMO_CONFIG)])
+def test_crossval_missing_run(tmp_path):
+    result = runner.invoke(app, ["crossval", "--config", str(DEMO_CONFIG), f"runs_dir={tmp_path}"])
     assert result.exit_code == 2
-    assert "crossval is not built yet" in result.output
+    assert "no SAE at" in result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("command", [["harvest"], ["train"], ["eval", "core"]])

@@ -112,6 +112,24 @@ def test_corpus_and_domain_filters(small_store):
                 assert labels["split"][row] == 0
 
 
+def test_exclude_folds_filter(small_store):
+    stream = make_stream(small_store, exclude_folds=[0])
+    seen_folds = set()
+    for _, batch in zip(range(8), stream, strict=False):
+        for shard, row in zip(batch.shard_B, batch.row_B, strict=True):
+            seen_folds.add(int(small_store.read_shard(int(shard), ("fold",))["fold"][row]))
+    assert seen_folds
+    assert not seen_folds & {0}
+    full_rows = make_stream(small_store).rows_per_epoch
+    assert stream.rows_per_epoch < full_rows
+
+
+def test_exclude_folds_out_of_range(small_store):
+    n_folds = small_store.metadata.n_folds
+    with pytest.raises(BatchError, match=f"invalid exclude_folds \\[{n_folds}\\]"):
+        make_stream(small_store, exclude_folds=[n_folds])
+
+
 def test_heldout_split(small_store):
     stream = make_stream(small_store, split="heldout", batch_size=4)
     batch = stream.batch_at(0)
