@@ -62,3 +62,22 @@ export sae_dir out_dir *args:
 # Verify the separation bounds of a trained run: `just bounds variant=adaptive`.
 bounds *args:
     knowsep eval bounds --config {{config}} {{args}}
+
+# One HTML page (and a markdown twin) comparing the variants of an experiment.
+report *args:
+    knowsep report --config {{config}} {{args}}
+
+# The whole study on the embedded model: harvest, three variants trained without the
+# WMDP-bio questions, every eval, cross-validation and the report.
+# `just experiment PATH` runs it with another config.
+experiment cfg="configs/experiment.toml":
+    knowsep harvest -c {{cfg}}
+    for v in standard fixed adaptive; do \
+        knowsep train -c {{cfg}} --resume variant=$v && \
+        knowsep eval core -c {{cfg}} variant=$v && \
+        knowsep eval unlearning -c {{cfg}} variant=$v preset=cpu && \
+        knowsep eval sparse-probing -c {{cfg}} variant=$v && \
+        knowsep eval bounds -c {{cfg}} variant=$v || exit 1; \
+    done
+    knowsep crossval -c {{cfg}}
+    knowsep report -c {{cfg}}

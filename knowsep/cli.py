@@ -303,12 +303,33 @@ def crossval(config: Path | None = ConfigOption, overrides: list[str] | None = O
     typer.echo(f"results: {output}")
 
 
+def build_report_config(config_path: Path | None, overrides: list[str]):
+    from evals.report.config import ReportConfig
+
+    return load_stage_config(ReportConfig, "report", config_path, overrides)
+
+
 @app.command()
-def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, eval.unlearning, eval.sparse_probing, eval.bounds or crossval")) -> None:
+def report(config: Path | None = ConfigOption, overrides: list[str] | None = OverridesArgument) -> None:
+    """Compare the variants of an experiment in one self-contained HTML page and a markdown twin.
+
+    Fields: see `knowsep describe report`.
+    """
+    from evals.report.main import run as run_report
+
+    config_path = _config_path(config)
+    cfg = _run(lambda: build_report_config(config_path, overrides or []))
+    output = _run(lambda: run_report(cfg))
+    typer.echo(f"report: {output}")
+
+
+@app.command()
+def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, eval.unlearning, eval.sparse_probing, eval.bounds, crossval or report")) -> None:
     """Print every field of a stage's config, with its default and meaning."""
     from evals.bounds.config import BoundsEvalConfig
     from evals.core.config import CoreEvalConfig
     from evals.crossval.config import CrossvalConfig
+    from evals.report.config import ReportConfig
     from evals.sparse_probing.config import SparseProbingEvalConfig
     from evals.unlearning.config import UnlearningEvalConfig
     from pipeline.config import HarvestConfig
@@ -322,6 +343,7 @@ def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, e
         "eval.sparse_probing": SparseProbingEvalConfig,
         "eval.bounds": BoundsEvalConfig,
         "crossval": CrossvalConfig,
+        "report": ReportConfig,
     }
     if stage not in classes:
         logger.error("unknown stage %r; choose one of %s", stage, ", ".join(classes))
