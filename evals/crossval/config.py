@@ -35,9 +35,13 @@ class CrossvalConfig:
     Attributes:
         mode: ``stats`` evaluates one SAE per variant, trained without the WMDP-bio
             questions, and selects fold k's latents from the other folds' firing rates.
-            ``retrain`` trains one SAE per fold on the other folds' tokens. It is not
-            supported yet, because training has no fold filter
-            (``TrainConfig.exclude_folds``).
+            ``retrain`` trains one SAE per (variant, fold), so it costs one full training
+            per fold of every variant. Fold k's SAE uses the variant's run config
+            (``<runs_dir>/<run>/config.json``; the run's own SAE is not needed) as run
+            ``<run>-fold<k>`` with ``exclude_folds=[k]``, so none of fold k's tokens
+            reaches it. Its selection and evaluation then follow ``stats``. A finished fold
+            run with the same config hash is reused, and an interrupted one resumes from
+            its latest checkpoint.
         folds: Folds to evaluate: 0 .. folds-1 of the store's folds. None evaluates
             every fold of the store. It may be smaller than the store's ``n_folds`` for a
             quicker partial run, and the selection for fold k still uses every other
@@ -53,8 +57,9 @@ class CrossvalConfig:
         name: Folder under ``runs_dir`` for this cross-validation: per-fold results go
             to ``<runs_dir>/<name>/folds/<variant>/fold_<k>.json`` and the summary to
             ``<runs_dir>/<name>/evals/crossval.json``.
-        store: Activation store. None reads it from the SAEs' metadata (key ``store``);
-            every variant must use the same store.
+        store: Activation store. None reads it from the SAEs' metadata (key ``store``),
+            or in mode ``retrain`` from the run configs; every variant must use the
+            same store.
         preset: Unlearning eval preset that sets the sweep (``cpu`` or ``saebench``).
         unlearning: Overrides of unlearning eval fields on top of ``preset``, e.g.
             ``{max_questions = 64, multipliers = [50, 200]}``. The sweep, question files,
@@ -83,7 +88,9 @@ class CrossvalConfig:
             latents. It replaces the unlearning eval's ``random_seed``.
         overwrite: Recompute every fold. When False, a fold whose result file exists
             with the same config hash is skipped, and one with another hash raises an
-            error.
+            error. In mode ``retrain`` it also deletes and trains again a fold run
+            started with another training config. A finished fold run with the same
+            config hash is still reused, because training is seeded.
     """
 
     mode: Literal["stats", "retrain"] = "stats"

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import dask
 import numpy as np
@@ -58,6 +58,14 @@ from evals.crossval.folds import (
     other_folds,
     question_folds,
     sum_counts,
+)
+from evals.crossval.retrain import (
+    RetrainError,
+    check_fold_run,
+    fold_run_name,
+    fold_train_config,
+    load_run_config,
+    train_fold_sae,
 )
 from evals.crossval.schema import (
     EVAL_TYPE_ID_CROSSVAL,
@@ -92,12 +100,15 @@ from evals.unlearning.selection import CACHE_DIRNAME, FiringRates
 from pipeline.data import MCQuestion, resolve_local_path
 from pipeline.models import LoadedModel, load_model
 from stores.activations import ActivationStore, StoreMetadata
+from trainer.config import TrainConfig, TrainConfigError
+from trainer.train import RUN_CONFIG_FILE as TRAIN_RUN_CONFIG_FILE
+from trainer.train import SAE_DIR
 
 logger = logging.getLogger(__name__)
 
 FOLDS_DIRNAME = "folds"
 #: File of a training run's config (written by trainer.train), read to check its corpora.
-RUN_CONFIG_FILE = "config.json"
+RUN_CONFIG_FILE = TRAIN_RUN_CONFIG_FILE
 #: Unlearning eval fields left out of the config hash: they change speed or paths, not results.
 HASH_EXCLUDED_FIELDS = frozenset(
     {
@@ -132,6 +143,11 @@ class FoldJob:
         firing_rates: ``store`` or ``cache``.
         config_hash: Hash of every setting and input behind the result.
         result_path: Where the fold's `FoldResult` JSON goes.
+        mode: ``stats`` or ``retrain``.
+        train_config: Mode ``retrain``: the training run of this fold's SAE, which
+            excludes the fold. None in mode ``stats``.
+        overwrite: Mode ``retrain``: delete and train again a fold run that was started
+            with another config.
     """
 
     variant: str
@@ -143,6 +159,9 @@ class FoldJob:
     firing_rates: str
     config_hash: str
     result_path: str
+    mode: Literal["stats", "retrain"] = "stats"
+    train_config: TrainConfig | None = None
+    overwrite: bool = False
 
 
 @dataclass
@@ -154,7 +173,8 @@ class CrossvalPlan:
         store: The activation store every variant was trained on.
         n_folds: Folds evaluated (0 .. n_folds-1).
         run_names: Run name of each variant.
-        inputs: SAE and store of each variant.
+        inputs: SAE and store of each variant (mode ``stats``; empty in mode
+            ``retrain``, whose SAEs are trained by the fold tasks).
         jobs: One job per (variant, fold), in variant then fold order.
     """
 
@@ -211,7 +231,13 @@ def check_training_corpora(
         "so its SAE has seen every fold's questions"
     )
     if cfg.allow_trained_on_questions:
-        logger.warning("%s; only the latent selection is cross-validated", message)
+        if cfg.mode == "retrain":
+            logger.warning(
+                "%s; each fold's SAE still trains without that fold's tokens, but on the other folds' questions",
+                message,
+            )
+        else:
+            logger.warning("%s; only the latent selection is cross-validated", message)
         return
     others = [corpus["name"] for corpus in metadata.corpora if corpus["name"] != wmdp_corpus]
     raise CrossvalError(
@@ -229,12 +255,13 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def input_digests(sae_path: str, unlearning: UnlearningEvalConfig) -> dict[str, str]:
-    """Return the digests of the SAE's files and of the local question files."""
+def input_digests(sae_path: str | None, unlearning: UnlearningEvalConfig) -> dict[str, str]:
+    """Return the digests of the SAE's files (unless ``sae_path`` is None) and of the local question files."""
     digests = {}
-    for path in sorted(Path(sae_path).iterdir()):
-        if path.is_file() and path.suffix in (".safetensors", ".json"):
-            digests[f"sae/{path.name}"] = file_digest(path)
+    if sae_path is not None:
+        for path in sorted(Path(sae_path).iterdir()):
+            if path.is_file() and path.suffix in (".safetensors", ".json"):
+                digests[f"sae/{path.name}"] = file_digest(path)
     for name, source in (("wmdp", unlearning.wmdp_source), ("mmlu", unlearning.mmlu_source)):
         local = resolve_local_path(source)
         if local.is_file():
@@ -247,9 +274,16 @@ def variant_config_hash(
     run_name: str,
     unlearning: UnlearningEvalConfig,
     metadata: StoreMetadata,
+    train_config: TrainConfig | None = None,
 ) -> str:
-    """Hash the settings and input files that determine a variant's fold results."""
-    payload = {
+    """Hash the settings and input files that determine a variant's fold results.
+
+    Mode ``stats`` hashes the SAE's files. Mode ``retrain`` passes the fold's
+    ``train_config`` instead, because its SAE does not exist before the fold task
+    trains it. Training is a pure function of that config's hash (seeded data order
+    and initialization), up to the device and software it runs on.
+    """
+    payload: dict[str, Any] = {
         "mode": cfg.mode,
         "firing_rates": cfg.firing_rates,
         "run_name": run_name,
@@ -261,8 +295,10 @@ def variant_config_hash(
         "store_config_hash": metadata.config_hash,
         "store_n_folds": metadata.n_folds,
         "store_fold_seed": metadata.fold_seed,
-        "inputs": input_digests(unlearning.sae_path, unlearning),
+        "inputs": input_digests(unlearning.sae_path if train_config is None else None, unlearning),
     }
+    if train_config is not None:
+        payload["train_config_hash"] = train_config.config_hash()
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -272,13 +308,30 @@ def fold_result_path(cfg: CrossvalConfig, variant: str, fold: int) -> Path:
     return cfg.crossval_dir / FOLDS_DIRNAME / variant / f"fold_{fold}.json"
 
 
+def check_same_store(stores: dict[str, tuple[str, ActivationStore]]) -> None:
+    """Raise when the variants' stores (path and store per variant) differ in config hash."""
+    first, (first_path, store) = next(iter(stores.items()))
+    for variant, (path, other) in stores.items():
+        if other.metadata.config_hash != store.metadata.config_hash:
+            raise CrossvalError(
+                f"variant {variant} was trained on store {path} (config hash "
+                f"{other.metadata.config_hash}), but variant {first} on {first_path} (config hash "
+                f"{store.metadata.config_hash}); cross-validate variants trained on the same store"
+            )
+
+
+def check_questions(unlearning: UnlearningEvalConfig, store: ActivationStore, n_folds: int) -> None:
+    """Read the WMDP-bio questions by fold and raise on an evaluated fold without any."""
+    # Every variant shares the question settings. Reading the questions at planning
+    # time fails fast, before any SAE or model pass, on an empty fold.
+    warn_on_source_mismatch(unlearning, store.metadata)
+    check_fold_questions(load_fold_questions(unlearning, store), n_folds, unlearning.wmdp_source)
+
+
 def plan_crossval(cfg: CrossvalConfig) -> CrossvalPlan:
     """Resolve every variant's run and SAE, check the store and folds, and list the fold jobs."""
     if cfg.mode == "retrain":
-        raise CrossvalError(
-            "mode 'retrain' is not supported yet: it needs TrainConfig.exclude_folds to train one SAE per fold "
-            "without that fold's tokens; use mode='stats'"
-        )
+        return plan_retrain(cfg)
 
     inputs: dict[str, EvalInputs] = {}
     unlearning: dict[str, UnlearningEvalConfig] = {}
@@ -303,14 +356,9 @@ def plan_crossval(cfg: CrossvalConfig) -> CrossvalPlan:
 
     first = cfg.variants[0]
     store = inputs[first].store
-    for variant in cfg.variants[1:]:
-        other = inputs[variant].store
-        if other.metadata.config_hash != store.metadata.config_hash:
-            raise CrossvalError(
-                f"variant {variant} was trained on store {inputs[variant].store_path} (config hash "
-                f"{other.metadata.config_hash}), but variant {first} on {inputs[first].store_path} (config hash "
-                f"{store.metadata.config_hash}); cross-validate variants trained on the same store"
-            )
+    check_same_store(
+        {variant: (inputs[variant].store_path, inputs[variant].store) for variant in cfg.variants}
+    )
     metadata = store.metadata
     store_path = inputs[first].store_path
     n_folds = check_folds(cfg.folds, metadata, store_path)
@@ -322,11 +370,7 @@ def plan_crossval(cfg: CrossvalConfig) -> CrossvalPlan:
         run_names={variant: cfg.run_name(variant) for variant in cfg.variants},
         inputs=inputs,
     )
-    # Every variant shares the question settings. Reading the questions here fails fast,
-    # before any SAE or model pass, on an empty fold.
-    shared_cfg = unlearning[first]
-    warn_on_source_mismatch(shared_cfg, metadata)
-    check_fold_questions(load_fold_questions(shared_cfg, store), n_folds, shared_cfg.wmdp_source)
+    check_questions(unlearning[first], store, n_folds)
     for variant in cfg.variants:
         variant_cfg = unlearning[variant]
         check_training_corpora(cfg, cfg.sae_path(variant).parent, variant_cfg.wmdp_corpus, metadata)
@@ -343,6 +387,85 @@ def plan_crossval(cfg: CrossvalConfig) -> CrossvalPlan:
                     firing_rates=cfg.firing_rates,
                     config_hash=config_hash,
                     result_path=str(fold_result_path(cfg, variant, fold)),
+                )
+            )
+    return plan
+
+
+def plan_retrain(cfg: CrossvalConfig) -> CrossvalPlan:
+    """Resolve every variant's run config, check the store and folds, and list one training and evaluation per fold.
+
+    A fold's SAE is the variant's run config trained as ``<run>-fold<k>`` with
+    ``exclude_folds=[k]``. Only the run's ``config.json`` is read, so the run's own SAE
+    need not exist.
+    """
+    base_configs: dict[str, TrainConfig] = {}
+    stores: dict[str, tuple[str, ActivationStore]] = {}
+    for variant in cfg.variants:
+        run_dir = Path(cfg.runs_dir) / cfg.run_name(variant)
+        try:
+            base_configs[variant] = load_run_config(run_dir)
+        except RetrainError as error:
+            raise CrossvalError(f"variant {variant}: {error}") from error
+        store_path = cfg.store or base_configs[variant].store
+        if not Path(store_path).is_dir():
+            raise CrossvalError(
+                f"variant {variant}: no activation store at {store_path} (from {run_dir / RUN_CONFIG_FILE}); "
+                "pass store=PATH to train the fold SAEs on another copy of it"
+            )
+        stores[variant] = (store_path, ActivationStore.open(store_path))
+
+    first = cfg.variants[0]
+    store_path, store = stores[first]
+    check_same_store(stores)
+    metadata = store.metadata
+    n_folds = check_folds(cfg.folds, metadata, store_path)
+    plan = CrossvalPlan(
+        cfg=cfg,
+        store=store,
+        n_folds=n_folds,
+        run_names={variant: cfg.run_name(variant) for variant in cfg.variants},
+        inputs={},
+    )
+
+    # The question settings do not depend on the SAE, so any fold's SAE path will do.
+    shared_cfg = cfg.unlearning_config(
+        Path(cfg.runs_dir) / fold_run_name(plan.run_names[first], 0) / SAE_DIR
+    )
+    check_questions(shared_cfg, store, n_folds)
+    for variant in cfg.variants:
+        run_name = plan.run_names[variant]
+        check_training_corpora(cfg, Path(cfg.runs_dir) / run_name, shared_cfg.wmdp_corpus, metadata)
+        for fold in range(n_folds):
+            try:
+                train_config = fold_train_config(
+                    base_configs[variant],
+                    run_name=run_name,
+                    fold=fold,
+                    runs_dir=cfg.runs_dir,
+                    store=stores[variant][0],
+                )
+                check_fold_run(train_config, cfg.overwrite)
+            except (RetrainError, TrainConfigError) as error:
+                raise CrossvalError(f"variant {variant}, fold {fold}: {error}") from error
+            sae_path = train_config.run_dir / SAE_DIR
+            unlearning = cfg.unlearning_config(sae_path)
+            plan.jobs.append(
+                FoldJob(
+                    variant=variant,
+                    run_name=train_config.run_name,
+                    fold=fold,
+                    sae_path=str(sae_path),
+                    store_path=stores[variant][0],
+                    unlearning=unlearning,
+                    firing_rates=cfg.firing_rates,
+                    config_hash=variant_config_hash(
+                        cfg, train_config.run_name, unlearning, metadata, train_config
+                    ),
+                    result_path=str(fold_result_path(cfg, variant, fold)),
+                    mode="retrain",
+                    train_config=train_config,
+                    overwrite=cfg.overwrite,
                 )
             )
     return plan
@@ -653,6 +776,8 @@ def evaluate_fold(job: FoldJob, rates: FiringRates) -> FoldResult:
         variant=job.variant,
         run_name=job.run_name,
         fold=job.fold,
+        mode=job.mode,
+        sae_path=job.sae_path,
         config_hash=job.config_hash,
         wmdp_bio=wmdp_known.summary,
         mmlu=setup.pooled,
@@ -724,6 +849,33 @@ def count_shard_task(
     )
 
 
+def train_fold_task(job: FoldJob) -> FoldJob:
+    """Train the SAE of a retrain job's fold unless a finished one exists (a dask task); return the job."""
+    if job.train_config is None:
+        raise CrossvalError(
+            f"variant {job.variant}, fold {job.fold}: a mode {job.mode!r} job has no training config to train"
+        )
+    sae_dir, trained = train_fold_sae(job.train_config, job.overwrite)
+    if str(sae_dir) != job.sae_path:
+        raise CrossvalError(
+            f"variant {job.variant}, fold {job.fold}: the fold run wrote its SAE to {sae_dir}, "
+            f"but the job evaluates {job.sae_path}"
+        )
+    if trained:
+        # A copy loaded before this training (an earlier run in this process) is stale.
+        with _CACHE_LOCK:
+            for key in [key for key in _INPUTS_CACHE if key[0] == job.sae_path]:
+                del _INPUTS_CACHE[key]
+    return job
+
+
+def count_job_shard_task(job: FoldJob, shard_index: int) -> FoldFiringCounts:
+    """Count one shard's firing per corpus and fold with the job's SAE (a dask task)."""
+    return count_shard_task(
+        job.sae_path, job.store_path, job.unlearning.device, shard_index, job.unlearning.batch_size
+    )
+
+
 def count_firing(job: FoldJob) -> FoldFiringCounts:
     """Count the firing of the job's SAE on every shard of the store, in this thread."""
     parts = [
@@ -742,8 +894,24 @@ def count_firing(job: FoldJob) -> FoldFiringCounts:
 # Scheduling
 
 
+def build_retrain_tasks(plan: CrossvalPlan, jobs: Sequence[FoldJob]) -> list[Any]:
+    """Return one delayed fold task per job, each after its own training and shard counts."""
+    tasks = []
+    shard_indices = [info.index for info in plan.store.shards]
+    for job in jobs:
+        trained = dask.delayed(train_fold_task)(job)
+        counts = None
+        if plan.cfg.firing_rates == "store":
+            parts = [dask.delayed(count_job_shard_task)(trained, index) for index in shard_indices]
+            counts = dask.delayed(sum_counts)(parts)
+        tasks.append(dask.delayed(run_fold_task)(trained, counts))
+    return tasks
+
+
 def build_tasks(plan: CrossvalPlan, jobs: Sequence[FoldJob]) -> list[Any]:
-    """Return one delayed fold task per job; each variant's shard counts are shared by its folds."""
+    """Return one delayed fold task per job; in mode ``stats`` each variant's shard counts are shared by its folds."""
+    if plan.cfg.mode == "retrain":
+        return build_retrain_tasks(plan, jobs)
     tasks = []
     shard_indices = [info.index for info in plan.store.shards]
     for variant in plan.cfg.variants:
@@ -864,13 +1032,20 @@ def summarize_variant(run_name: str, rows: Sequence[FoldResult]) -> VariantSumma
 
 def unstructured_notes(plan: CrossvalPlan, rows: Sequence[FoldResult]) -> dict[str, Any]:
     """Return the free-form part of the result: method notes and every fold's warnings."""
+    method = (
+        "For fold k, latents are selected with forget firing rates over every other fold of the store and "
+        "retain firing rates over every fold, then measured on fold k's WMDP-bio questions and on held-out "
+        "contexts that belong mostly to fold k. Means are unweighted over folds; std is the sample standard "
+        "deviation (ddof=1)."
+    )
+    if plan.cfg.mode == "retrain":
+        method = (
+            "Each fold k has its own SAE, trained with the variant's run config on the store's train split "
+            "with fold k's tokens excluded (exclude_folds=[k]); sae_path of each row names it. "
+            + method
+        )
     return {
-        "method": (
-            "For fold k, latents are selected with forget firing rates over every other fold of the store and "
-            "retain firing rates over every fold, then measured on fold k's WMDP-bio questions and on held-out "
-            "contexts that belong mostly to fold k. Means are unweighted over folds; std is the sample standard "
-            "deviation (ddof=1)."
-        ),
+        "method": method,
         "firing_rates": plan.cfg.firing_rates,
         "best_point_note": (
             "best_point metrics use the point that sets each fold's score, picked on that fold's own questions, "
@@ -880,6 +1055,25 @@ def unstructured_notes(plan: CrossvalPlan, rows: Sequence[FoldResult]) -> dict[s
             f"{row.variant}/fold_{row.fold}": row.warnings for row in rows if row.warnings
         },
     }
+
+
+def sae_configs(plan: CrossvalPlan) -> dict[str, Any]:
+    """Return the evaluated SAEs' configs: one per variant in mode ``stats``, one per ``<variant>/fold_<k>`` in mode ``retrain``."""
+    if plan.cfg.mode != "retrain":
+        return {variant: sae_config_dict(inputs) for variant, inputs in plan.inputs.items()}
+    configs = {}
+    for job in plan.jobs:
+        if not Path(job.sae_path).is_dir():
+            logger.warning(
+                "variant %s, fold %d: the fold's SAE %s is gone, so sae_cfg_dict leaves it out",
+                job.variant,
+                job.fold,
+                job.sae_path,
+            )
+            continue
+        inputs = variant_inputs(job.sae_path, job.store_path, job.unlearning.device)
+        configs[f"{job.variant}/fold_{job.fold}"] = sae_config_dict(inputs)
+    return configs
 
 
 def run(cfg: CrossvalConfig) -> Path:
@@ -916,6 +1110,10 @@ def run(cfg: CrossvalConfig) -> Path:
         "folds": plan.n_folds,
         "n_store_folds": plan.store.metadata.n_folds,
         "run_names": plan.run_names,
+        "fold_run_names": {
+            variant: [job.run_name for job in plan.jobs if job.variant == variant]
+            for variant in cfg.variants
+        },
         "resolved_unlearning": {
             key: value for key, value in first_job.unlearning.to_dict().items() if key != "sae_path"
         },
@@ -932,7 +1130,7 @@ def run(cfg: CrossvalConfig) -> Path:
         eval_result_metrics=CrossvalMetrics(variants=summaries),
         eval_result_details=rows,
         eval_result_unstructured=unstructured_notes(plan, rows),
-        sae_cfg_dict={variant: sae_config_dict(inputs) for variant, inputs in plan.inputs.items()},
+        sae_cfg_dict=sae_configs(plan),
     )
     write_eval_output(output, output_path)
 

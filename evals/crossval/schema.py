@@ -8,6 +8,8 @@ standard deviation is the sample standard deviation (``ddof=1``) over folds.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from evals.common import EvalOutput
@@ -45,6 +47,14 @@ class FoldResult(BaseModel):
     variant: str = Field(description="The variant label.")
     run_name: str = Field(description="The training run whose SAE was evaluated.")
     fold: int = Field(description="The evaluated fold.")
+    mode: Literal["stats", "retrain"] = Field(
+        default="stats",
+        description="'stats' (one SAE per variant) or 'retrain' (one SAE per fold, trained without it).",
+    )
+    sae_path: str | None = Field(
+        default=None,
+        description="The evaluated SAE; in mode 'retrain' the fold's own SAE. None in results written before it was recorded.",
+    )
     config_hash: str = Field(
         description="Hash of every setting and input file behind this result, checked on resume."
     )

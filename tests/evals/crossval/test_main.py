@@ -271,13 +271,6 @@ def test_folds_larger_than_store_rejected(crossval_setup: dict) -> None:
         run(small_config(crossval_setup, "too-many", folds=3))
 
 
-def test_retrain_not_supported(crossval_setup: dict) -> None:
-    with pytest.raises(
-        CrossvalError, match="not supported yet: it needs TrainConfig.exclude_folds"
-    ):
-        run(small_config(crossval_setup, "retrain", mode="retrain"))
-
-
 def test_missing_run_rejected(crossval_setup: dict) -> None:
     with pytest.raises(CrossvalError, match="no SAE at .*adaptive-noq"):
         run(small_config(crossval_setup, "missing", variants=["adaptive"]))
