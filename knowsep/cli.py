@@ -38,7 +38,10 @@ app.add_typer(eval_app, name="eval")
 ConfigOption = typer.Option(
     None, "--config", "-c", help=f"TOML config file; {DEFAULT_CONFIG} when it exists, else built-in defaults."
 )
-OverridesArgument = typer.Argument(None, help="field=value overrides of the stage config, e.g. variant=adaptive d_sae=8192.")
+OverridesArgument = typer.Argument(
+    None,
+    help="field=value overrides of the stage config (see `knowsep describe STAGE`); lists are comma-separated, e.g. multipliers=2,10,50.",
+)
 VerboseOption = typer.Option(False, "--verbose", "-v", help="Log debug messages.")
 DemoConfigOption = typer.Option(Path(DEFAULT_CONFIG), "--config", "-c", help="Demo config.")
 BenchNameArgument = typer.Argument(..., help="harvest, masks or train")
@@ -51,7 +54,15 @@ def _config_path(config: Path | None) -> Path | None:
     if config is not None:
         return config
     default = Path(DEFAULT_CONFIG)
-    return default if default.is_file() else None
+    if default.is_file():
+        return default
+    logger.warning(
+        "no --config given and %s not found in %s: using the built-in defaults (model gemma-3-270m, data paths "
+        "relative to this directory). Run from the repository root or pass --config",
+        DEFAULT_CONFIG,
+        Path.cwd(),
+    )
+    return None
 
 
 def _run(action: Callable[[], T]) -> T:
@@ -345,6 +356,8 @@ def describe(stage: str = typer.Argument(..., help="harvest, train, eval.core, e
         "crossval": CrossvalConfig,
         "report": ReportConfig,
     }
+    # The command is `eval sparse-probing`, the config table `[eval.sparse_probing]`: accept both spellings.
+    stage = stage.replace("-", "_")
     if stage not in classes:
         logger.error("unknown stage %r; choose one of %s", stage, ", ".join(classes))
         raise typer.Exit(code=2)

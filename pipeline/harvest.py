@@ -40,6 +40,7 @@ from pipeline.models import (
     capture_residual,
     load_model,
     load_tokenizer,
+    resolve_device,
     resolve_layer,
     resolve_model_path,
     special_token_ids,
@@ -67,8 +68,8 @@ NO_DOC = -1
 SHARDS_IN_FLIGHT_PER_WORKER = 2
 
 
-class HarvestError(RuntimeError):
-    """A harvest that cannot produce a valid store."""
+class HarvestError(ValueError):
+    """A harvest that cannot produce a valid store (bad input data or settings)."""
 
 
 # Document assignment
@@ -244,6 +245,13 @@ def _iter_packed_contexts(
             if spec.max_tokens is not None and n_tokens >= spec.max_tokens:
                 break
 
+        if n_tokens == 0:
+            # NOTE: a corpus is only read when its turn comes, so the shards of the
+            # corpora before it stay on disk, and a rerun after the fix resumes them.
+            raise HarvestError(
+                f"corpus {spec.name} ({corpus.source}) has {n_docs} document(s) but no tokens: every text is "
+                "empty or blank. Fix the file or its text_field, or remove the corpus from the config"
+            )
         for split in (TRAIN_SPLIT, HELDOUT_SPLIT):
             last = packers[split].flush()
             if last is not None:
@@ -622,6 +630,8 @@ def run_harvest(cfg: HarvestConfig) -> ActivationStore:
     cfg.validate()
     started = time.perf_counter()
 
+    # An unusable device fails here, before the store is created.
+    resolve_device(cfg.model.device)
     tokenizer = load_tokenizer(cfg.model.name, cache_dir=cfg.model.cache_dir)
     n_layers, d_model = _model_shape(cfg)
     layer = resolve_layer(cfg.model.layer, n_layers)

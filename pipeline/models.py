@@ -259,9 +259,22 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as error:
         raise ModelError(f"invalid device {device!r}: use auto, cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(
+                f"device {device!r} requested, but CUDA is not available to torch {torch.__version__}; "
+                "use device=cpu or device=auto, or install a CUDA build of torch"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelError(
+                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif resolved.type != "cpu":
+        raise ModelError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainer.saes.base import SAE_WEIGHTS_FILE, BaseSAE
@@ -128,7 +129,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
         metadata = handle.metadata() or {}
     if _OPTIMIZER_METADATA_KEY not in metadata:
         raise CheckpointError(f"{path} has no optimizer metadata; it was not written by knowsep")
-    tensors = load_file(str(path))
+    tensors = _read_tensors(path)
     optimizer.load_state_dict(unflatten_optimizer_state(tensors, json.loads(metadata[_OPTIMIZER_METADATA_KEY])))
 
 
@@ -146,7 +147,7 @@ def _save_rng(directory: Path, np_rng: np.random.Generator | None) -> None:
 
 
 def _load_rng(directory: Path, np_rng: np.random.Generator | None) -> None:
-    tensors = load_file(str(directory / TORCH_RNG_FILE))
+    tensors = _read_tensors(directory / TORCH_RNG_FILE)
     torch.set_rng_state(tensors["torch_cpu"])
     cuda_states = [tensors[name] for name in sorted(tensors) if name.startswith("torch_cuda.")]
     if cuda_states:
@@ -232,6 +233,17 @@ def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     return json.loads((checkpoint_dir / STATE_FILE).read_text())
 
 
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning a damaged or truncated file into a `CheckpointError`."""
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise CheckpointError(
+            f"checkpoint file {path} is damaged or unreadable ({error}); delete {path.parent} "
+            "to resume from the previous checkpoint"
+        ) from error
+
+
 def load_checkpoint(
     checkpoint_dir: str | Path,
     sae: BaseSAE,
@@ -248,7 +260,7 @@ def load_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     state = read_checkpoint_state(checkpoint_dir)
 
-    tensors = load_file(str(checkpoint_dir / SAE_WEIGHTS_FILE))
+    tensors = _read_tensors(checkpoint_dir / SAE_WEIGHTS_FILE)
     expected = sae.state_dict()
     mismatched = sorted(
         name for name in set(expected) | set(tensors)

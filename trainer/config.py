@@ -136,6 +136,7 @@ class TrainConfig:
                 raise TrainConfigError(f"invalid {name} {beta}: it must be in [0, 1)")
         if self.activation == "topk" and self.k > self.d_sae:
             raise TrainConfigError(f"invalid k {self.k}: a TopK SAE needs k <= d_sae ({self.d_sae})")
+        _check_device(self.device)
         if not self.run_name or Path(self.run_name).name != self.run_name:
             raise TrainConfigError(f"invalid run_name {self.run_name!r}: use a plain directory name without '/'")
 
@@ -161,6 +162,20 @@ class TrainConfig:
         """Return a SHA-256 prefix of `resume_fields`, stored in every checkpoint."""
         encoded = json.dumps(self.resume_fields(), sort_keys=True, default=str).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def _check_device(device: str) -> None:
+    """Raise TrainConfigError for a device name torch rejects or a CUDA device this machine lacks."""
+    import torch
+
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise TrainConfigError(f"invalid device {device!r}: use cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise TrainConfigError(
+            f"device {device!r} requested, but CUDA is not available to torch {torch.__version__}; use device=cpu"
+        )
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

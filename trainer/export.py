@@ -247,7 +247,7 @@ def export_saelens_sae(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise SAELensFormatError(
-            f"{out_dir} already exists; pass overwrite=True or choose another directory"
+            f"{out_dir} already exists; pass --overwrite (overwrite=True in Python) or choose another directory"
         )
     export_dtype = dtype or sae.cfg.dtype
     if export_dtype not in DTYPES:

@@ -131,6 +131,17 @@ def _check_config_hash(cfg: TrainConfig, state: dict[str, Any], checkpoint_dir: 
     )
 
 
+def _check_store_hash(store: ActivationStore, state: dict[str, Any], checkpoint_dir: Path) -> None:
+    """Raise TrainError when the store at the run's path was harvested again with other settings."""
+    saved_hash = state.get("store_config_hash")
+    if saved_hash is not None and saved_hash != store.metadata.config_hash:
+        raise TrainError(
+            f"cannot resume from {checkpoint_dir}: it was trained on a store with config hash {saved_hash}, "
+            f"but {store.path} now has config hash {store.metadata.config_hash}. "
+            "Resume on the original store, or start a new run with another run_name"
+        )
+
+
 def _trim_log(log_path: Path, last_step: int) -> None:
     """Drop log lines after `last_step`, which a resumed run writes again."""
     if not log_path.is_file():
@@ -230,7 +241,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     tokens_seen = 0
 
     if checkpoint is not None:
-        _check_config_hash(cfg, read_checkpoint_state(checkpoint), checkpoint)
+        saved_state = read_checkpoint_state(checkpoint)
+        _check_config_hash(cfg, saved_state, checkpoint)
+        _check_store_hash(store, saved_state, checkpoint)
         state = load_checkpoint(checkpoint, sae, optimizer, np_rng=np_rng)
         start_step = int(state["step"])
         tokens_seen = int(state["tokens_seen"])
@@ -255,6 +268,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             "l1_coefficient": l1_coefficient_at(step - 1, cfg.l1_coefficient, cfg.l1_warmup_steps),
             "config_hash": cfg.config_hash(),
             "config": json.loads(json.dumps(cfg.resume_fields(), default=str)),
+            "store_config_hash": store.metadata.config_hash,
         }
         path = save_checkpoint(
             run_dir, step, sae, optimizer, state,

@@ -125,7 +125,8 @@ def test_missing_required_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 2
-    lines = error_lines(result.output)
+    assert "using the built-in defaults" in result.output
+    lines = [line for line in error_lines(result.output) if "using the built-in defaults" not in line]
     assert len(lines) == 1, lines
     assert "missing required field(s) store for TrainConfig" in lines[0]
 

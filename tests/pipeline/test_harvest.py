@@ -20,6 +20,7 @@ from pipeline.data import CorpusSpec
 from pipeline.harvest import (
     HELDOUT_SPLIT,
     TRAIN_SPLIT,
+    HarvestError,
     document_fold,
     document_split,
     harvest_config_hash,
@@ -476,3 +477,15 @@ def test_model_loaded_once_per_process(
     assert len(store.shards) > 4
     assert loads == [str(tiny_model_dir)]
     assert_stores_equal(store, clean_store)
+
+
+def test_blank_corpus_is_an_error(tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path):
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": "   "}])
+    cfg = make_config(
+        tiny_model_dir,
+        corpus_dir,
+        tmp_path / "store",
+        corpora=[CorpusSpec(name="blank", kind="text", domain="retain", local=str(blank))],
+    )
+    with pytest.raises(HarvestError, match="corpus blank .* has 2 document\\(s\\) but no tokens"):
+        run_harvest(cfg)

@@ -12,8 +12,8 @@ import torch
 
 from tests.trainer.conftest import build_store
 from trainer.batches import BatchError, BatchStream
-from trainer.checkpoint import latest_checkpoint, list_checkpoints
-from trainer.config import TrainConfig
+from trainer.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from trainer.config import TrainConfig, TrainConfigError
 from trainer.saes import StandardSAE, TrainingHook, Variant, load_sae, register_variant
 from trainer.train import TRAIN_LOG_FILE, TrainError, train
 
@@ -116,6 +116,36 @@ def test_resume_rejects_changed_config(small_store, tmp_path):
     changed = replace(cfg, lr=2e-2)
     with pytest.raises(TrainError, match=r"lr: 0\.01 -> 0\.02"):
         train(changed, resume=True)
+
+
+def test_resume_rejects_reharvested_store(small_store, tmp_path):
+    cfg = make_config(small_store, tmp_path, total_tokens=32 * 10)
+    train(cfg)
+    original_hash = small_store.metadata.config_hash
+    small_store.metadata.config_hash = "another-harvest"
+    small_store.write_metadata()
+    try:
+        with pytest.raises(TrainError, match="now has config hash another-harvest"):
+            train(cfg, resume=True)
+    finally:
+        small_store.metadata.config_hash = original_hash
+        small_store.write_metadata()
+
+
+def test_resume_damaged_checkpoint_is_an_error(small_store, tmp_path):
+    cfg = make_config(small_store, tmp_path, total_tokens=32 * 10)
+    run_dir = train(cfg)
+    checkpoint = latest_checkpoint(run_dir)
+    weights = checkpoint / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match="is damaged or unreadable"):
+        train(cfg, resume=True)
+
+
+def test_unavailable_cuda_device_rejected(small_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainConfigError, match="CUDA is not available"):
+        make_config(small_store, tmp_path, device="cuda")
 
 
 def test_resume_allows_changed_logging(small_store, tmp_path):

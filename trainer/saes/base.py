@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -264,7 +265,13 @@ class BaseSAE(nn.Module):
         cfg = cls.config_class.from_dict(config)
         sae = cls(cfg)
 
-        tensors = load_file(str(directory / SAE_WEIGHTS_FILE), device=cfg.device)
+        try:
+            tensors = load_file(str(directory / SAE_WEIGHTS_FILE), device=cfg.device)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            raise SAEConfigError(
+                f"{directory / SAE_WEIGHTS_FILE} is damaged or unreadable ({error}); "
+                "restore it from the run's latest checkpoint or train the SAE again"
+            ) from error
         expected = sae.state_dict()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -293,7 +300,12 @@ def read_sae_config(directory: str | Path) -> dict[str, Any]:
             f"no saved SAE in {directory}: expected {SAE_CONFIG_FILE} and {SAE_WEIGHTS_FILE} "
             "(written by BaseSAE.save)"
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise SAEConfigError(
+            f"invalid JSON in {config_path}: {error}; restore it from the run's checkpoint or train the SAE again"
+        ) from error
     if "architecture" not in config:
         raise SAEConfigError(f"{config_path} has no 'architecture' field")
     return config
