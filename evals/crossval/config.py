@@ -62,7 +62,7 @@ class CrossvalConfig:
             same store.
         preset: Unlearning eval preset that sets the sweep (``cpu`` or ``saebench``).
         unlearning: Overrides of unlearning eval fields on top of ``preset``, e.g.
-            ``{max_questions = 64, multipliers = [50, 200]}``. The sweep, question files,
+            ``{max_questions = 64, multipliers = [2, 10, 50]}``. The sweep, question files,
             scoring, dtype and device come from here. ``max_questions`` caps the
             WMDP-bio questions of each fold and the questions of each MMLU subject. The
             fields in ``RESERVED_UNLEARNING_FIELDS`` are set by the cross-validation.
