@@ -38,7 +38,7 @@ def test_unlearning_strings_converted() -> None:
     unlearning = cfg.unlearning_config("sae")
 
     assert unlearning.max_questions == 16
-    assert unlearning.multipliers == [2.0, 10.0, 50.0]
+    assert unlearning.multipliers == [50.0, 200.0]
     assert unlearning.controls is True
 
 
