@@ -71,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
     parser.add_argument("--shard-contexts", type=int, default=256, help="contexts per store shard")
+    parser.add_argument(
+        "--num-workers", type=int, default=1, help="shards in flight in the harvest (HarvestConfig.num_workers)"
+    )
 
     parser.add_argument(
         "--store",
@@ -155,6 +158,7 @@ def main() -> None:
             context_size=args.context_size,
             batch_size=args.batch_size,
             shard_contexts=args.shard_contexts,
+            num_workers=args.num_workers,
             overwrite=True,
         )
         # The harvest reuses this process's cached model, so loading it is timed by neither.

@@ -49,6 +49,7 @@ from stores.activations import (
     DOMAINS,
     SPLITS,
     ActivationStore,
+    StoreError,
     StoreMetadata,
     acts_to_float32,
     create_store,
@@ -432,6 +433,9 @@ def harvest_shard(
     domain_codes: list[int],
 ) -> int:
     """Compute and write one shard; return its number of token rows. One dask task."""
+    # TODO: with one worker the shard write waits for the forward pass and the next
+    # forward waits for the write; the harvest reaches about 0.8 of the bare forward
+    # pass on a 2-core CPU (docs/benchmarks.md), short of the 0.9 target.
     loaded = get_worker_model(model)
     store = ActivationStore.open(store_path, require_complete=False)
     keep_CT = token_mask(shard, loaded.special_token_ids)
@@ -439,7 +443,8 @@ def harvest_shard(
         acts_ND = compute_shard_acts(
             loaded, layer, shard, keep_CT, batch_size, store.metadata.acts_dtype
         )
-    store.write_shard(shard.index, shard_arrays(shard, acts_ND, keep_CT, domain_codes))
+    arrays = shard_arrays(shard, acts_ND, keep_CT, domain_codes)
+    store.write_shard(shard.index, arrays, statistics=shard_statistics(arrays, store.metadata))
     return int(keep_CT.sum())
 
 
@@ -574,8 +579,33 @@ def _model_shape(cfg: HarvestConfig) -> tuple[int, int]:
     return int(text_config.num_hidden_layers), int(text_config.hidden_size)
 
 
+def shard_statistics(arrays: dict[str, np.ndarray], metadata: StoreMetadata) -> dict[str, Any]:
+    """Summarize one shard for `finalize_store`: first non-finite row, train squared norms, counts."""
+    acts_ND = acts_to_float32(arrays["acts"], metadata.acts_dtype)
+    bad_rows = np.flatnonzero(~np.isfinite(acts_ND).all(axis=1))
+    train_N = arrays["split"] == TRAIN_SPLIT
+    domain_fold_counts = [
+        np.bincount(arrays["fold"][arrays["domain"] == code], minlength=metadata.n_folds).tolist()
+        for code in range(len(metadata.domains))
+    ]
+    return {
+        "first_non_finite_row": int(bad_rows[0]) if len(bad_rows) else None,
+        "n_non_finite_rows": int(len(bad_rows)),
+        # float64 sums: a float32 sum over millions of squared norms near 1e4 loses digits.
+        "train_sum_squares": float(np.square(acts_ND[train_N], dtype=np.float64).sum(dtype=np.float64)),
+        "n_train": int(train_N.sum()),
+        "domain_fold_counts": domain_fold_counts,
+        "split_counts": np.bincount(arrays["split"], minlength=len(SPLITS)).tolist(),
+        "corpus_counts": np.bincount(arrays["corpus"], minlength=len(metadata.corpora)).tolist(),
+    }
+
+
 def finalize_store(store: ActivationStore, n_planned: int) -> None:
-    """Check every shard, compute ``norm_scale`` and token counts, and mark the store complete."""
+    """Check every shard, compute ``norm_scale`` and token counts, and mark the store complete.
+
+    Shards written by this harvest carry their statistics in their completion marker;
+    a shard without them (an older harvest) is read again.
+    """
     metadata = store.metadata
     infos = store.shards
     indices = [info.index for info in infos]
@@ -591,28 +621,28 @@ def finalize_store(store: ActivationStore, n_planned: int) -> None:
     }
     split_counts = dict.fromkeys(SPLITS, 0)
     corpus_counts = dict.fromkeys(corpus_names, 0)
-
-    # float64 sums: a float32 sum over millions of squared norms near 1e4 loses digits.
     sum_squares = 0.0
     n_train = 0
     for info in infos:
-        store.check_finite(info.index)
-        arrays = store.read_shard(info.index, ("acts", "domain", "fold", "split", "corpus"))
-        acts_ND = acts_to_float32(arrays["acts"], metadata.acts_dtype)
-        train_N = arrays["split"] == TRAIN_SPLIT
-        sum_squares += float(np.square(acts_ND[train_N], dtype=np.float64).sum(dtype=np.float64))
-        n_train += int(train_N.sum())
-
-        for code, domain in enumerate(metadata.domains):
-            folds = np.bincount(
-                arrays["fold"][arrays["domain"] == code], minlength=metadata.n_folds
+        statistics = store.read_shard_statistics(info.index)
+        if statistics is None:
+            arrays = store.read_shard(info.index, ("acts", "domain", "fold", "split", "corpus"))
+            statistics = shard_statistics(arrays, metadata)
+        if statistics["first_non_finite_row"] is not None:
+            raise StoreError(
+                f"shard {info.index} of {store.path} has NaN or Inf activations in "
+                f"{statistics['n_non_finite_rows']} row(s), first at row {statistics['first_non_finite_row']}; "
+                "the model overflowed in its dtype: harvest again with model.dtype=float32"
             )
-            for fold, count in enumerate(folds):
+        sum_squares += statistics["train_sum_squares"]
+        n_train += statistics["n_train"]
+        for code, domain in enumerate(metadata.domains):
+            for fold, count in enumerate(statistics["domain_fold_counts"][code]):
                 domain_counts[domain][str(fold)] += int(count)
         for code, split in enumerate(SPLITS):
-            split_counts[split] += int((arrays["split"] == code).sum())
+            split_counts[split] += int(statistics["split_counts"][code])
         for code, name in enumerate(corpus_names):
-            corpus_counts[name] += int((arrays["corpus"] == code).sum())
+            corpus_counts[name] += int(statistics["corpus_counts"][code])
 
     if n_train == 0:
         raise HarvestError(

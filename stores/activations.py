@@ -310,8 +310,14 @@ class ActivationStore:
                 f"shard {index}: contexts has shape {arrays['contexts'].shape}; expected (C, {self.metadata.context_size})"
             )
 
-    def write_shard(self, index: int, arrays: dict[str, np.ndarray]) -> ShardInfo:
-        """Write one shard atomically: temporary group, ``_COMPLETE`` marker, rename."""
+    def write_shard(
+        self, index: int, arrays: dict[str, np.ndarray], statistics: dict[str, Any] | None = None
+    ) -> ShardInfo:
+        """Write one shard atomically: temporary group, ``_COMPLETE`` marker, rename.
+
+        ``statistics`` (JSON-serializable) is kept in the marker, so that the harvest can
+        finish the store without reading every shard again; see `read_shard_statistics`.
+        """
         self._validate_arrays(index, arrays)
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         final = self.shards_dir / shard_name(index)
@@ -339,6 +345,8 @@ class ActivationStore:
                 "n_contexts": len(arrays["contexts"]),
                 "numcodecs": numcodecs.__version__,
             }
+            if statistics is not None:
+                marker["statistics"] = statistics
             _write_text_atomic(temporary / COMPLETE_MARKER, json.dumps(marker))
             if final.exists():
                 # A complete shard with the same index can only come from the same
@@ -349,6 +357,11 @@ class ActivationStore:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
         return ShardInfo(index, final, len(arrays["token_ids"]), len(arrays["contexts"]))
+
+    def read_shard_statistics(self, index: int) -> dict[str, Any] | None:
+        """Return the statistics stored in a complete shard's marker, or None if it has none."""
+        marker = json.loads((self.shard_path(index) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        return marker.get("statistics")
 
     def remove_temporary(self) -> int:
         """Delete leftovers of interrupted shard writes; return how many were removed."""
