@@ -223,7 +223,7 @@ def interval_comparison(
     """Compare two estimates by whether their 95% intervals overlap."""
     comparison = Comparison(
         metric=metric, reference=reference, baseline=baseline,
-        method="non-overlapping 95% intervals", outcome="not significant",
+        method="test: do the 95% intervals overlap", outcome="not significant",
         reference_estimate=ref, baseline_estimate=base,
     )
     for name, estimate in ((reference, ref), (baseline, base)):

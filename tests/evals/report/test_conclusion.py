@@ -47,7 +47,7 @@ def test_single_split_significantly_better() -> None:
     assert outcomes(conclusion, SCORE_METRIC) == {"fixed": "better", "standard": "better"}
     assert outcomes(conclusion, SELECTIVITY_METRIC) == {"fixed": "better", "standard": "better"}
     assert "adaptive separates significantly better than fixed and standard" in conclusion.paragraph
-    assert "non-overlapping 95% intervals" in conclusion.paragraph
+    assert "test: do the 95% intervals overlap" in conclusion.paragraph
 
 
 def test_single_split_significantly_worse() -> None:
