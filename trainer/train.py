@@ -199,7 +199,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     with the same weights, bit for bit, as an uninterrupted one on the same device
     and software.
     """
-    run_dir, checkpoint = _prepare_run_dir(cfg, resume)
     store = ActivationStore.open(cfg.store)
     variant = get_variant(cfg.variant)
     options = variant.build_options(cfg.variant_options)
@@ -234,6 +233,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             cfg.lr_warmup_steps, cfg.lr_decay_steps, total_steps, peak_lr, cfg.lr,
         )
 
+    # The run directory is created only once the store, variant and options are valid,
+    # so a rejected config leaves nothing on disk.
+    run_dir, checkpoint = _prepare_run_dir(cfg, resume)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
     np_rng = np.random.default_rng([cfg.seed, 2])
     tokens_since_fired_F = torch.zeros(sae_cfg.d_sae, dtype=torch.int64, device=device)

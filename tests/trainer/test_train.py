@@ -248,3 +248,10 @@ def test_learns_sparse_features(sparse_store, tmp_path, activation, l1_coefficie
     assert explained_variance(sae, x_BD) > 0.8
     assert l0 <= max_l0
     assert read_log(cfg.run_dir)[-1]["explained_variance"] > 0.8
+
+
+def test_rejected_config_leaves_no_run_dir(small_store, tmp_path):
+    cfg = make_config(small_store, tmp_path, variant="no-such-variant")
+    with pytest.raises(ValueError, match="unknown variant 'no-such-variant'"):
+        train(cfg)
+    assert not cfg.run_dir.exists()
