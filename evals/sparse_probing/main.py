@@ -45,6 +45,7 @@ from evals.sparse_probing.schema import (
     SparseProbingResultDetail,
     SparseProbingSaeMetrics,
 )
+from evals.unlearning.scoring import wilson_interval
 from pipeline.models import LoadedModel, capture_residual, load_model, resolve_device, resolve_layer
 from trainer.export import load_any_sae
 from trainer.saes import BaseSAE
@@ -352,8 +353,19 @@ def evaluate_dataset(
     check_sae_informative(features, spec.name, cfg.sae_path)
     averaged, per_class = probe_dataset(features, pools, cfg, rng)
 
+    n_test_predictions = len(pools.train_pools) * pools.probe_test_set_size
+    intervals: dict[str, list[float]] = {}
+    for name, accuracy in averaged.items():
+        if accuracy is None:
+            continue
+        low, high = wilson_interval(round(accuracy * n_test_predictions), n_test_predictions)
+        if low is not None and high is not None:
+            intervals[name] = [low, high]
+
     detail = SparseProbingResultDetail(
         dataset_name=f"{spec.name}_results",
+        n_test_predictions=n_test_predictions,
+        accuracy_intervals=intervals,
         classes=list(pools.train_pools),
         probe_train_set_size=pools.probe_train_set_size,
         probe_test_set_size=pools.probe_test_set_size,

@@ -122,6 +122,18 @@ class SparseProbingResultDetail(SparseProbingSaeMetrics, SparseProbingLlmMetrics
     sae_frac_alive: float = Field(
         description="Fraction of SAE latents active on at least one of those tokens."
     )
+    n_test_predictions: int | None = Field(
+        default=None,
+        description="Test predictions behind each accuracy: classes times probe_test_set_size (None in files written before it was recorded).",
+    )
+    accuracy_intervals: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description=(
+            "Wilson 95% interval [low, high] of each accuracy above, treating the n_test_predictions "
+            "pooled over the one-vs-rest tasks as independent. Chance is 0.5 (balanced tasks): an "
+            "accuracy whose interval contains 0.5 is not distinguishable from chance."
+        ),
+    )
 
 
 class SparseProbingEvalOutput(EvalOutput[SparseProbingMetricCategories, SparseProbingResultDetail]):

@@ -77,6 +77,17 @@ def test_details_per_dataset(identity_result: dict) -> None:
     assert sorted(per_class["sae_top_1_test_accuracy"]) == ["0", "1", "2"]
 
 
+def test_accuracy_intervals(identity_result: dict) -> None:
+    (detail,) = identity_result["eval_result_details"]
+    assert detail["n_test_predictions"] == N_CLASSES * 40
+    intervals = detail["accuracy_intervals"]
+    assert "sae_top_1_test_accuracy" in intervals
+    assert "llm_top_100_test_accuracy" not in intervals
+    for name, (low, high) in intervals.items():
+        assert low <= detail[name] <= high, name
+        assert high - low < 0.3, name
+
+
 def test_separable_classes_beat_chance(identity_result: dict) -> None:
     metrics = identity_result["eval_result_metrics"]
     assert metrics["llm"]["llm_test_accuracy"] > 0.85
