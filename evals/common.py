@@ -8,6 +8,7 @@ top-level keys of SAEBench's ``BaseEvalOutput``. Each eval subclasses
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -108,3 +109,27 @@ def write_json_atomic(path: str | Path, payload: str | dict[str, Any]) -> Path:
 def write_eval_output(output: EvalOutput[Any, Any], path: str | Path) -> Path:
     """Serialize an eval result (NaN and infinity become ``null``) and write it atomically."""
     return write_json_atomic(path, output.model_dump_json(indent=2))
+
+
+#: Two-sided 95% standard normal quantile, used by the Wilson interval.
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(n_correct: int, n_total: int) -> tuple[float | None, float | None]:
+    """Return the Wilson score 95% interval of a binomial proportion, or ``(None, None)`` when ``n_total`` is 0.
+
+    Unlike the normal approximation, the Wilson interval stays inside [0, 1] and has
+    close to nominal coverage for small ``n_total`` and proportions near 0 or 1.
+    """
+    if n_total == 0:
+        return None, None
+    proportion = n_correct / n_total
+    z_squared = Z_95**2
+    denominator = 1.0 + z_squared / n_total
+    centre = (proportion + z_squared / (2 * n_total)) / denominator
+    half_width = (
+        Z_95
+        * math.sqrt(proportion * (1.0 - proportion) / n_total + z_squared / (4 * n_total**2))
+        / denominator
+    )
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-#: Two-sided 95% quantile of the standard normal distribution.
-Z_95 = 1.959963984540054
+from evals.common import Z_95
 
 FORGET_DOMAIN = 0
 RETAIN_DOMAIN = 1

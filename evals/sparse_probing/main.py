@@ -28,7 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from evals.common import default_output_path, epoch_millis, new_eval_id, write_eval_output
+from evals.common import (
+    default_output_path,
+    epoch_millis,
+    new_eval_id,
+    wilson_interval,
+    write_eval_output,
+)
 from evals.sparse_probing.config import SAEBENCH_K_VALUES, ProbingDataset, SparseProbingEvalConfig
 from evals.sparse_probing.data import (
     ClassPools,
@@ -45,7 +51,6 @@ from evals.sparse_probing.schema import (
     SparseProbingResultDetail,
     SparseProbingSaeMetrics,
 )
-from evals.unlearning.scoring import wilson_interval
 from pipeline.models import LoadedModel, capture_residual, load_model, resolve_device, resolve_layer
 from trainer.export import load_any_sae
 from trainer.saes import BaseSAE

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from evals.common import default_output_path, epoch_millis, new_eval_id, write_eval_output
+from evals.common import (
+    default_output_path,
+    epoch_millis,
+    new_eval_id,
+    wilson_interval,
+    write_eval_output,
+)
 from evals.core.config import CoreEvalConfig
 from evals.core.main import EvalInputs, load_inputs, sae_config_dict
 from evals.unlearning.config import UnlearningEvalConfig
@@ -55,7 +61,6 @@ from evals.unlearning.scoring import (
     MultipleChoiceScorer,
     PreparedQuestion,
     correct_and_margin,
-    wilson_interval,
 )
 from evals.unlearning.selection import (
     CACHE_DIRNAME,

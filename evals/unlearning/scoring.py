@@ -44,9 +44,6 @@ SCORING_MODES = ("cloze", "letter")
 #: Every ordering of the four choices; ``PERMUTATIONS[0]`` is the original order.
 PERMUTATIONS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(N_CHOICES)))
 
-#: Two-sided 95% standard normal quantile, used by the Wilson interval.
-Z_95 = 1.959963984540054
-
 #: Subject names shown in the letter prompt's first line, where the raw name reads badly.
 SUBJECT_DISPLAY_NAMES = {"wmdp-bio": "biology"}
 
@@ -56,26 +53,6 @@ class ScoringError(ValueError):
 
 
 # Intervals
-
-
-def wilson_interval(n_correct: int, n_total: int) -> tuple[float | None, float | None]:
-    """Return the Wilson score 95% interval of a binomial proportion, or ``(None, None)`` when ``n_total`` is 0.
-
-    Unlike the normal approximation, the Wilson interval stays inside [0, 1] and has
-    close to nominal coverage for small ``n_total`` and proportions near 0 or 1.
-    """
-    if n_total == 0:
-        return None, None
-    proportion = n_correct / n_total
-    z_squared = Z_95**2
-    denominator = 1.0 + z_squared / n_total
-    centre = (proportion + z_squared / (2 * n_total)) / denominator
-    half_width = (
-        Z_95
-        * math.sqrt(proportion * (1.0 - proportion) / n_total + z_squared / (4 * n_total**2))
-        / denominator
-    )
-    return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
 # Prompts

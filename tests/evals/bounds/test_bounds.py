@@ -21,8 +21,8 @@ from evals.bounds.bounds import (
     preactivation_moments,
     wilson_interval_array,
 )
+from evals.common import wilson_interval
 from evals.unlearning.intervention import LatentClamp
-from evals.unlearning.scoring import wilson_interval
 from stores.masks import PackedMask
 from trainer.saes import StandardSAE, StandardSAEConfig
 from trainer.saes.masked import MaskedSAE, MaskedSAEConfig

@@ -26,7 +26,7 @@ from evals.bounds.schema import (
     PerTokenMultiplierResult,
     TokenCheckCounts,
 )
-from evals.common import default_output_path, write_eval_output
+from evals.common import default_output_path, wilson_interval, write_eval_output
 from evals.core.schema import (
     CoreEvalOutput,
     CoreMetricCategories,
@@ -65,7 +65,6 @@ from evals.unlearning.schema import (
     UnlearningMetrics,
     UnlearningSweepPoint,
 )
-from evals.unlearning.scoring import wilson_interval
 from stores.masks import PackedMask
 
 D_MODEL = 16

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from evals.common import wilson_interval
 from evals.unlearning.scoring import (
     PERMUTATIONS,
     MultipleChoiceScorer,
     ScoringError,
     cloze_prompt,
     letter_prompt,
-    wilson_interval,
 )
 from pipeline.data import MCQuestion
 from tests.evals.unlearning.conftest import (
