@@ -1,8 +1,8 @@
 """Load stage configs from TOML files and ``key=value`` command-line overrides.
 
 Every stage has a dataclass config whose class docstring documents each field. A TOML
-file may hold one table per stage (``[harvest]``, ``[train]``, ``[eval.core]``);
-overrides name a field of the stage's dataclass, or a dotted path into a nested
+file may contain one table per stage (``[harvest]``, ``[train]``, ``[eval.core]``).
+Overrides name a field of the stage's dataclass, or a dotted path into a nested
 dataclass field (``model.layer=6``).
 """
 
@@ -192,7 +192,7 @@ def load_stage_config(
 ) -> T:
     """Build a stage config from the file's ``[section]`` table, then apply overrides.
 
-    ``shared`` holds values taken from other tables (such as ``[model]``) that apply
+    ``shared`` contains values taken from other tables (such as ``[model]``) that apply
     when the section does not set them itself.
     """
     values: dict[str, Any] = dict(shared or {})

@@ -433,9 +433,9 @@ def harvest_shard(
     domain_codes: list[int],
 ) -> int:
     """Compute and write one shard; return its number of token rows. One dask task."""
-    # NOTE: with one worker the shard write waits for the forward pass and the next
-    # forward waits for the write; on a 2-core CPU the harvest still reaches about
-    # 0.9 of the bare forward pass (docs/benchmarks.md).
+    # NOTE: with one worker, writes and forward passes take turns instead of
+    # overlapping. On a 2-core CPU the harvest still reaches about 0.9 of the bare
+    # forward pass (docs/benchmarks.md).
     loaded = get_worker_model(model)
     store = ActivationStore.open(store_path, require_complete=False)
     keep_CT = token_mask(shard, loaded.special_token_ids)

@@ -257,8 +257,8 @@ class MultipleChoiceScorer:
     def score(self, prepared: Sequence[PreparedQuestion]) -> QuestionScores:
         """Score prepared questions under whatever interventions are active on the model."""
         # TODO: cloze mode runs the LM head and a full-vocabulary log-softmax on every
-        # choice token, which holds it to about 0.6 of the bare forward passes' speed
-        # with Gemma's 262,144-token vocabulary (docs/benchmarks.md; target 0.8).
+        # choice token. With Gemma's 262,144-token vocabulary that limits it to about 0.6
+        # of the bare forward passes' speed (docs/benchmarks.md; target 0.8).
         n_questions = len(prepared)
         per_sequence: list[np.ndarray | None] = [None] * n_questions
         for batch in self.padded_batches(prepared):
