@@ -9,7 +9,10 @@ table with, per scoring mode:
 - questions per second of the bare base-model forward passes over the same padded
   batches (no gathering, no LM head, no log-softmax),
 - their ratio, the scorer's efficiency; the target is at least 0.8,
-- questions per second of tokenization (``prepare``), paid once per eval.
+- questions per second of tokenization (``prepare``), paid once per eval,
+- for each LM head precision other than ``float32`` (see ``evals/lm_head.py``), the
+  largest difference of a choice score from the float32 head's, and the number of
+  questions whose top-scoring choice differs.
 
 The questions are the first ``--n-questions`` of WMDP-bio. The tiny model is a random
 2-block Llama whose word-level vocabulary is built from those questions. Timings are
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 # Makes the script runnable from a checkout without installing knowsep.
@@ -104,11 +108,18 @@ def bench_mode(
     tokenizer: Any,
     questions: list[MCQuestion],
     mode: str,
+    precision: str,
     batch_size: int,
     repeats: int,
-) -> dict[str, float]:
-    """Time tokenization, scoring and the bare forward passes of one scoring mode."""
-    scorer = MultipleChoiceScorer(model, tokenizer, mode, batch_size=batch_size)  # type: ignore[arg-type]
+) -> dict[str, Any]:
+    """Time tokenization, scoring and the bare forward passes of one scoring mode and precision."""
+    scorer = MultipleChoiceScorer(
+        model,  # type: ignore[arg-type]
+        tokenizer,
+        mode,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        logit_precision=precision,  # type: ignore[arg-type]
+    )
     device = scorer.device
     prepare_seconds = median_seconds(lambda: scorer.prepare(questions), device, repeats)
     prepared = scorer.prepare(questions)
@@ -128,6 +139,7 @@ def bench_mode(
     bare_seconds = median_seconds(bare_forward, device, repeats)
     n_questions = len(questions)
     return {
+        "scores": scorer.score(prepared).scores_Q4,
         "prepare_qps": n_questions / prepare_seconds,
         "score_qps": n_questions / score_seconds,
         "bare_qps": n_questions / bare_seconds,
@@ -154,6 +166,11 @@ def main() -> None:
         "--batch-size", type=int, default=32, help="Maximum sequences per forward pass."
     )
     parser.add_argument("--modes", default="cloze,letter", help="Comma-separated scoring modes.")
+    parser.add_argument(
+        "--precisions",
+        default="mixed,float32",
+        help="Comma-separated LM head precisions (mixed, float32).",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N.")
     parser.add_argument(
         "--dtype",
@@ -187,23 +204,39 @@ def main() -> None:
         load,
     )
     logger.info(
-        "| mode | sequences | tokens | prepare q/s | score q/s | bare forward q/s | efficiency |"
+        "| mode | LM head | sequences | tokens | prepare q/s | score q/s | bare forward q/s "
+        "| efficiency | max abs score difference from float32 | changed predictions |"
     )
-    logger.info("|---|---|---|---|---|---|---|")
+    logger.info("|---|---|---|---|---|---|---|---|---|---|")
+    precisions = [precision.strip() for precision in args.precisions.split(",")]
     for mode in args.modes.split(","):
-        result = bench_mode(
-            model, tokenizer, questions, mode.strip(), args.batch_size, args.repeats
-        )
-        logger.info(
-            "| %s | %d | %d | %.1f | %.1f | %.1f | %.2f |",
-            mode,
-            result["n_sequences"],
-            result["n_tokens"],
-            result["prepare_qps"],
-            result["score_qps"],
-            result["bare_qps"],
-            result["efficiency"],
-        )
+        results = {
+            precision: bench_mode(
+                model, tokenizer, questions, mode.strip(), precision, args.batch_size, args.repeats
+            )
+            for precision in precisions
+        }
+        reference = results.get("float32")
+        for precision, result in results.items():
+            difference, changed = "-", "-"
+            if reference is not None and precision != "float32":
+                difference = f"{np.abs(result['scores'] - reference['scores']).max():.1e}"
+                changed = str(
+                    int((result["scores"].argmax(1) != reference["scores"].argmax(1)).sum())
+                )
+            logger.info(
+                "| %s | %s | %d | %d | %.1f | %.1f | %.1f | %.2f | %s | %s |",
+                mode,
+                precision,
+                result["n_sequences"],
+                result["n_tokens"],
+                result["prepare_qps"],
+                result["score_qps"],
+                result["bare_qps"],
+                result["efficiency"],
+                difference,
+                changed,
+            )
 
 
 if __name__ == "__main__":

@@ -634,6 +634,7 @@ def build_setup(job: FoldJob, inputs: EvalInputs) -> FoldSetup:
         unlearning.scoring,
         batch_size=unlearning.mcq_batch_size,
         logit_chunk_size=unlearning.logit_chunk_size,
+        logit_precision=unlearning.logit_precision,
     )
     mmlu_known = {
         subject: find_known_set(
@@ -710,6 +711,7 @@ def fold_setup(job: FoldJob, inputs: EvalInputs) -> FoldSetup:
                 setup.special_token_ids,
                 batch_size=unlearning.context_batch_size,
                 logit_chunk_size=unlearning.logit_chunk_size,
+                head=setup.scorer.head,
             )
     return setup
 

@@ -102,8 +102,13 @@ class UnlearningEvalConfig:
             latents with the closest pooled firing rate.
         mcq_batch_size: Maximum sequences per forward pass when scoring questions.
         context_batch_size: Contexts per forward pass for the loss.
-        logit_chunk_size: Positions per chunk of the LM head and its log-softmax, which
-            bounds memory at about three ``chunk x vocabulary`` float32 arrays.
+        logit_chunk_size: Scored positions per pass of the LM head over the vocabulary,
+            which reads the vocabulary in blocks of 16,384 rows, so memory is about three
+            ``chunk x 16,384`` float32 arrays.
+        logit_precision: ``mixed`` (default) computes the logsumexp of each scored
+            position from bfloat16 logits, with its 32 largest logits and the target's
+            logit in float32; ``float32`` computes every logit in float32, about three
+            times slower on a CPU. docs/benchmarks.md measures the difference.
         batch_size: Tokens per SAE forward pass when counting firing rates in the store.
         random_seed: Seed of the loss-context sample and of the control latents.
         plot: Also write the Pareto plot (PNG) beside the JSON.
@@ -142,7 +147,8 @@ class UnlearningEvalConfig:
     control_pool_size: int = 5
     mcq_batch_size: int = 32
     context_batch_size: int = 4
-    logit_chunk_size: int = 64
+    logit_chunk_size: int = 512
+    logit_precision: Literal["mixed", "float32"] = "mixed"
     batch_size: int = 4096
     random_seed: int = 42
     plot: bool = True
@@ -176,6 +182,7 @@ class UnlearningEvalConfig:
                 f"invalid dtype {self.dtype!r}: choose float32, bfloat16 or float16"
             )
         _check_choice("scoring", self.scoring, ("cloze", "letter"))
+        _check_choice("logit_precision", self.logit_precision, ("mixed", "float32"))
         _check_choice("firing_rates", self.firing_rates, ("auto", "cache", "store"))
         _check_choice("wmdp_questions", self.wmdp_questions, ("all", "heldout"))
         if not (math.isfinite(self.known_margin) and self.known_margin >= 0):

@@ -20,7 +20,7 @@ import torch
 from scipy import stats
 
 from evals.core.metrics import next_token_mask
-from evals.unlearning.scoring import lm_head_logits
+from evals.lm_head import LMHead, LogitPrecision
 from stores.activations import ActivationStore
 
 if TYPE_CHECKING:
@@ -104,14 +104,19 @@ def context_losses(
     special_token_ids: Sequence[int],
     *,
     batch_size: int = 4,
-    logit_chunk_size: int = 64,
+    logit_chunk_size: int = 512,
+    logit_precision: LogitPrecision = "mixed",
+    head: LMHead | None = None,
 ) -> np.ndarray:
     """Return each context's mean next-token cross-entropy (nats) over scored positions.
 
-    A context without any scored position gets NaN; callers drop those.
+    A context without any scored position gets NaN; callers drop those. ``head`` reuses
+    an `LMHead` built before (its precision then applies).
     """
     device = next(model.parameters()).device
     decoder = model.get_decoder()
+    if head is None:
+        head = LMHead(model, logit_precision)
     losses_C = np.full(len(contexts_CT), np.nan, dtype=np.float64)
     for start in range(0, len(contexts_CT), batch_size):
         input_ids_BL = torch.from_numpy(contexts_CT[start : start + batch_size]).long().to(device)
@@ -124,11 +129,7 @@ def context_losses(
         rows_N, positions_N = torch.nonzero(score_BL, as_tuple=True)
         hidden_ND = hidden_BLD[rows_N, positions_N]
         targets_N = targets_BL[rows_N, positions_N]
-        losses_N = torch.empty(len(targets_N), dtype=torch.float64, device=device)
-        for chunk in range(0, len(targets_N), logit_chunk_size):
-            part = slice(chunk, chunk + logit_chunk_size)
-            log_probs_NV = torch.log_softmax(lm_head_logits(model, hidden_ND[part]), dim=-1)
-            losses_N[part] = -log_probs_NV.gather(1, targets_N[part, None])[:, 0].double()
+        losses_N = -head.target_log_probs(hidden_ND, targets_N, chunk_size=logit_chunk_size)
 
         sums_B = torch.zeros(len(input_ids_BL), dtype=torch.float64, device=device)
         sums_B.index_add_(0, rows_N, losses_N)

@@ -267,6 +267,7 @@ def measure(state: EvalState, latent_ids: np.ndarray, multiplier: float) -> Inte
                 state.special_token_ids,
                 batch_size=cfg.context_batch_size,
                 logit_chunk_size=cfg.logit_chunk_size,
+                head=state.scorer.head,
             )
 
     def accuracy_of(name: str) -> SetAccuracy:
@@ -367,6 +368,7 @@ def prepare_state(
         cfg.scoring,
         batch_size=cfg.mcq_batch_size,
         logit_chunk_size=cfg.logit_chunk_size,
+        logit_precision=cfg.logit_precision,
     )
 
     known = {}
@@ -401,6 +403,7 @@ def prepare_state(
                 special_ids,
                 batch_size=cfg.context_batch_size,
                 logit_chunk_size=cfg.logit_chunk_size,
+                head=scorer.head,
             )
     return EvalState(
         cfg=cfg,

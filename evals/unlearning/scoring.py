@@ -14,9 +14,12 @@ BOS is prepended when the tokenizer has one, so a choice's tokens do not depend 
 how the prompt ends.
 
 The LM head runs only on the positions that are scored: the base model returns its
-final hidden states, and the unembedding (with Gemma's final logit soft-capping when
-the config sets it) is applied to the gathered positions in chunks. A full-sequence
-log-softmax over Gemma 3's 262,144-token vocabulary would cost gigabytes.
+final hidden states, and `evals.lm_head.LMHead` computes the log-probabilities of the
+target tokens at the gathered positions, in vocabulary blocks. A full-sequence
+log-softmax over Gemma 3's 262,144-token vocabulary would cost gigabytes. In cloze mode
+the four sequences of a question share the prompt, so a position whose tokens up to it
+are the same in several sequences (at least the prompt's last position) gets one
+logsumexp.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from evals.lm_head import LMHead, LogitPrecision
 from pipeline.data import CHOICE_LETTERS, N_CHOICES, MCQuestion
 
 if TYPE_CHECKING:
@@ -148,8 +152,11 @@ class MultipleChoiceScorer:
         mode: ``cloze`` or ``letter``.
         batch_size: Maximum sequences per forward pass. A question's sequences always go
             in the same batch, so a batch contains at least one whole question.
-        logit_chunk_size: Scored positions per chunk of the LM head and log-softmax,
-            which bounds memory at about ``3 * chunk * vocabulary`` float32 values.
+        logit_chunk_size: Scored positions per pass of the LM head over the vocabulary;
+            memory is about ``3 * logit_chunk_size * vocab_block`` float32 values.
+        logit_precision: ``mixed`` (bfloat16 logsumexp with the largest logits and the
+            targets in float32) or ``float32``; see `evals.lm_head`.
+        vocab_block: Vocabulary rows per block of the LM head.
     """
 
     def __init__(
@@ -159,7 +166,9 @@ class MultipleChoiceScorer:
         mode: ScoringMode = "cloze",
         *,
         batch_size: int = 32,
-        logit_chunk_size: int = 64,
+        logit_chunk_size: int = 512,
+        logit_precision: LogitPrecision = "mixed",
+        vocab_block: int = 16_384,
     ) -> None:
         if mode not in SCORING_MODES:
             raise ScoringError(f"invalid scoring mode {mode!r}: choose 'cloze' or 'letter'")
@@ -172,6 +181,7 @@ class MultipleChoiceScorer:
         self.mode = mode
         self.batch_size = batch_size
         self.logit_chunk_size = logit_chunk_size
+        self.head = LMHead(model, logit_precision, vocab_block=vocab_block)
         self.decoder = model.get_decoder()
         if self.decoder is model:
             raise ScoringError(
@@ -256,9 +266,6 @@ class MultipleChoiceScorer:
     @torch.no_grad()
     def score(self, prepared: Sequence[PreparedQuestion]) -> QuestionScores:
         """Score prepared questions under whatever interventions are active on the model."""
-        # TODO: cloze mode runs the LM head and a full-vocabulary log-softmax on every
-        # choice token. With Gemma's 262,144-token vocabulary that limits it to about 0.6
-        # of the bare forward passes' speed (docs/benchmarks.md; target 0.8).
         n_questions = len(prepared)
         per_sequence: list[np.ndarray | None] = [None] * n_questions
         for batch in self.padded_batches(prepared):
@@ -333,40 +340,20 @@ class MultipleChoiceScorer:
     def _score_batch(self, batch: PaddedBatch) -> list[np.ndarray]:
         """Return per question ``[4]`` mean log-likelihoods (cloze) or ``[orders, 4]`` letter log-probs."""
         items = batch.items
-        sequences = [sequence for item in items for sequence in item.sequences]
-        starts = [start for item in items for start in item.score_starts]
         hidden_BLD = self.decoder(
             input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL, use_cache=False
         ).last_hidden_state
-
-        # Gather the scored positions of every sequence into one flat list.
-        rows: list[int] = []
-        positions: list[int] = []
-        targets: list[int] = []
-        for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
-            scored = range(start, len(sequence) - 1) if self.mode == "cloze" else [start]
-            for position in scored:
-                rows.append(row)
-                positions.append(position)
-                if self.mode == "cloze":
-                    targets.append(sequence[position + 1])
-        rows_N = torch.tensor(rows, device=self.device)
-        hidden_ND = hidden_BLD[rows_N, torch.tensor(positions, device=self.device)]
-
         if self.mode == "cloze":
-            target_log_probs_N = self._target_log_probs(
-                hidden_ND, torch.tensor(targets, device=self.device)
-            )
-            sums_S = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
-            sums_S.index_add_(0, rows_N, target_log_probs_N.double())
-            counts_S = torch.bincount(rows_N, minlength=len(sequences)).double()
-            means_Q4 = (sums_S / counts_S).cpu().numpy().reshape(len(items), N_CHOICES)
-            return [means_Q4[index] for index in range(len(items))]
+            return self._score_cloze(items, hidden_BLD)
 
-        # Letter mode scores one position per sequence, so row s of the result is sequence s.
+        # Letter mode scores the last position of each sequence, so row s is sequence s.
         assert self.letter_token_ids is not None
-        letter_ids_4 = torch.tensor(self.letter_token_ids, device=self.device)
-        log_probs_S4 = self._letter_log_probs(hidden_ND, letter_ids_4).double().cpu().numpy()
+        rows_S = torch.arange(hidden_BLD.shape[0], device=self.device)
+        last_S = torch.tensor(
+            [start for item in items for start in item.score_starts], device=self.device
+        )
+        hidden_SD = hidden_BLD[rows_S, last_S]
+        log_probs_S4 = self._letter_log_probs(hidden_SD).cpu().numpy()
         results = []
         offset = 0
         for item in items:
@@ -375,39 +362,70 @@ class MultipleChoiceScorer:
             offset += count
         return results
 
-    def _logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:
-        return lm_head_logits(self.model, hidden_ND)
+    def _score_cloze(
+        self, items: list[PreparedQuestion], hidden_BLD: torch.Tensor
+    ) -> list[np.ndarray]:
+        # Every scored (row, position) points at one unique prefix: the first row of the
+        # same question whose tokens up to that position are the same. Causal attention
+        # makes their hidden states equal, so one logsumexp serves them all.
+        unique_rows: list[int] = []
+        unique_positions: list[int] = []
+        unique_of_scored: list[int] = []
+        scored_rows: list[int] = []
+        targets: list[int] = []
+        row = 0
+        for item in items:
+            prefix_ids: dict[tuple[int, ...], int] = {}
+            for sequence, start in zip(item.sequences, item.score_starts, strict=True):
+                for position in range(start, len(sequence) - 1):
+                    prefix = sequence[: position + 1]
+                    if prefix not in prefix_ids:
+                        prefix_ids[prefix] = len(unique_rows)
+                        unique_rows.append(row)
+                        unique_positions.append(position)
+                    unique_of_scored.append(prefix_ids[prefix])
+                    scored_rows.append(row)
+                    targets.append(sequence[position + 1])
+                row += 1
 
-    def _target_log_probs(self, hidden_ND: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-        pieces = []
-        for start in range(0, hidden_ND.shape[0], self.logit_chunk_size):
-            log_probs_CV = torch.log_softmax(
-                self._logits(hidden_ND[start : start + self.logit_chunk_size]), dim=-1
-            )
-            pieces.append(
-                log_probs_CV.gather(1, targets_N[start : start + self.logit_chunk_size, None])[:, 0]
-            )
-        return torch.cat(pieces)
+        device = self.device
+        hidden_UD = hidden_BLD[
+            torch.tensor(unique_rows, device=device), torch.tensor(unique_positions, device=device)
+        ]
+        lse_U = torch.cat(
+            [
+                self.head.logsumexp(hidden_UD[start : start + self.logit_chunk_size])
+                for start in range(0, hidden_UD.shape[0], self.logit_chunk_size)
+            ]
+        )
+        unique_N = torch.tensor(unique_of_scored, device=device)
+        target_log_probs_N = (
+            self.head.logits_at(hidden_UD[unique_N], torch.tensor(targets, device=device)).double()
+            - lse_U[unique_N]
+        )
 
-    def _letter_log_probs(
-        self, hidden_ND: torch.Tensor, letter_ids_4: torch.Tensor
-    ) -> torch.Tensor:
-        pieces = []
-        for start in range(0, hidden_ND.shape[0], self.logit_chunk_size):
-            log_probs_CV = torch.log_softmax(
-                self._logits(hidden_ND[start : start + self.logit_chunk_size]), dim=-1
-            )
-            pieces.append(log_probs_CV[:, letter_ids_4])
-        return torch.cat(pieces)
+        n_sequences = row
+        rows_N = torch.tensor(scored_rows, device=device)
+        sums_S = torch.zeros(n_sequences, dtype=torch.float64, device=device)
+        sums_S.index_add_(0, rows_N, target_log_probs_N)
+        counts_S = torch.bincount(rows_N, minlength=n_sequences).double()
+        means_Q4 = (sums_S / counts_S).cpu().numpy().reshape(len(items), N_CHOICES)
+        return [means_Q4[index] for index in range(len(items))]
 
-
-def lm_head_logits(model: PreTrainedModel, hidden_ND: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head (and Gemma's final logit soft-capping when configured) to hidden states, in float32."""
-    logits_NV = model.get_output_embeddings()(hidden_ND)
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if softcap:
-        logits_NV = torch.tanh(logits_NV / softcap) * softcap
-    return logits_NV.float()
+    def _letter_log_probs(self, hidden_SD: torch.Tensor) -> torch.Tensor:
+        assert self.letter_token_ids is not None
+        n = hidden_SD.shape[0]
+        letter_ids_4 = torch.tensor(self.letter_token_ids, device=self.device)
+        lse_S = torch.cat(
+            [
+                self.head.logsumexp(hidden_SD[start : start + self.logit_chunk_size])
+                for start in range(0, n, self.logit_chunk_size)
+            ]
+        )
+        logits_S4 = self.head.logits_at(
+            hidden_SD.repeat_interleave(N_CHOICES, dim=0), letter_ids_4.repeat(n)
+        ).reshape(n, N_CHOICES)
+        return logits_S4.double() - lse_S[:, None]
 
 
 def correct_and_margin(scores_4: np.ndarray, answer: int) -> tuple[bool, float]:

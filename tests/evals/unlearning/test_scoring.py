@@ -123,23 +123,38 @@ def test_letter_permutation_filter() -> None:
         assert scores.margin_Q[index] == pytest.approx(min(margins), abs=1e-4)
 
 
-def test_lm_head_reads_only_scored_positions() -> None:
+def test_lm_head_reads_each_shared_prefix_once() -> None:
     model = build_model("llama")
     tokenizer = build_tokenizer()
     questions = make_questions(model, FORGET_WORDS, 3, seed=1, subject="test")
-    rows_seen = []
-    handle = model.get_output_embeddings().register_forward_hook(
-        lambda module, inputs, output: rows_seen.append(inputs[0].shape)
-    )
-    try:
-        scorer = MultipleChoiceScorer(model, tokenizer, "cloze")
-        scorer.score(scorer.prepare(questions))
-    finally:
-        handle.remove()
+    scorer = MultipleChoiceScorer(model, tokenizer, "cloze")
+    prepared = scorer.prepare(questions)
+    logsumexp_rows: list[int] = []
+    target_rows: list[int] = []
+    logsumexp, logits_at = scorer.head.logsumexp, scorer.head.logits_at
+    scorer.head.logsumexp = lambda hidden: logsumexp_rows.append(len(hidden)) or logsumexp(hidden)  # type: ignore[method-assign]
+    scorer.head.logits_at = lambda hidden, ids: (
+        target_rows.append(len(hidden)) or logits_at(hidden, ids)
+    )  # type: ignore[method-assign]
 
-    # 3 questions x 4 choices x 3 choice tokens, each as one row of a 2-D input.
-    assert all(len(shape) == 2 for shape in rows_seen)
-    assert sum(shape[0] for shape in rows_seen) == 3 * 4 * 3
+    scorer.score(prepared)
+
+    # Every choice token is a target: 3 questions x 4 choices x 3 choice tokens. The
+    # logsumexp runs once per distinct prefix of a question, which includes the prompt
+    # shared by its four choices.
+    distinct_prefixes = sum(
+        len(
+            {
+                sequence[: position + 1]
+                for sequence, start in zip(item.sequences, item.score_starts, strict=True)
+                for position in range(start, len(sequence) - 1)
+            }
+        )
+        for item in prepared
+    )
+    assert sum(target_rows) == 3 * 4 * 3
+    assert sum(logsumexp_rows) == distinct_prefixes
+    assert distinct_prefixes <= 3 * (1 + 4 * 2)
 
 
 def test_empty_choice_rejected() -> None:
