@@ -254,26 +254,31 @@ def _model_name_help() -> str:
     )
 
 
-def resolve_device(device: str) -> torch.device:
-    """Turn ``auto`` into CUDA when available, else CPU; pass other names through."""
-    if device == "auto":
+def resolve_device(device: str, *, allow_auto: bool = True) -> torch.device:
+    """Turn ``auto`` into CUDA when available, else CPU; check other names against this machine.
+
+    ``allow_auto=False`` rejects ``auto``, for settings that must name their device.
+    """
+    choices = "auto, cpu, cuda or cuda:N" if allow_auto else "cpu, cuda or cuda:N"
+    if device == "auto" and allow_auto:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ModelError(f"invalid device {device!r}: use auto, cpu, cuda or cuda:N") from error
+        raise ModelError(f"invalid device {device!r}: use {choices}") from error
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
+            fallback = "device=cpu or device=auto" if allow_auto else "device=cpu"
             raise ModelError(
                 f"device {device!r} requested, but CUDA is not available to torch {torch.__version__}; "
-                "use device=cpu or device=auto, or install a CUDA build of torch"
+                f"use {fallback}, or install a CUDA build of torch"
             )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ModelError(
                 f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
     elif resolved.type != "cpu":
-        raise ModelError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+        raise ModelError(f"unsupported device {device!r}: use {choices}")
     return resolved
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 #: Fields that do not change the trained weights, so a resumed run may change them.
-RESUME_INSENSITIVE_FIELDS = frozenset({"runs_dir", "log_every", "checkpoint_every", "keep_checkpoints", "progress_bar"})
+RESUME_INSENSITIVE_FIELDS = frozenset(
+    {"runs_dir", "log_every", "checkpoint_every", "keep_checkpoints", "progress_bar"}
+)
 
 
 class TrainConfigError(ValueError):
@@ -130,15 +132,21 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise TrainConfigError(f"invalid lr {self.lr}: it must be finite and > 0")
         if not (math.isfinite(self.l1_coefficient) and self.l1_coefficient >= 0):
-            raise TrainConfigError(f"invalid l1_coefficient {self.l1_coefficient}: it must be finite and >= 0")
+            raise TrainConfigError(
+                f"invalid l1_coefficient {self.l1_coefficient}: it must be finite and >= 0"
+            )
         for name, beta in (("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)):
             if not 0 <= beta < 1:
                 raise TrainConfigError(f"invalid {name} {beta}: it must be in [0, 1)")
         if self.activation == "topk" and self.k > self.d_sae:
-            raise TrainConfigError(f"invalid k {self.k}: a TopK SAE needs k <= d_sae ({self.d_sae})")
+            raise TrainConfigError(
+                f"invalid k {self.k}: a TopK SAE needs k <= d_sae ({self.d_sae})"
+            )
         _check_device(self.device)
         if not self.run_name or Path(self.run_name).name != self.run_name:
-            raise TrainConfigError(f"invalid run_name {self.run_name!r}: use a plain directory name without '/'")
+            raise TrainConfigError(
+                f"invalid run_name {self.run_name!r}: use a plain directory name without '/'"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -156,7 +164,11 @@ class TrainConfig:
 
     def resume_fields(self) -> dict[str, Any]:
         """Return the fields that must match for a run to resume from a checkpoint."""
-        return {name: value for name, value in self.to_dict().items() if name not in RESUME_INSENSITIVE_FIELDS}
+        return {
+            name: value
+            for name, value in self.to_dict().items()
+            if name not in RESUME_INSENSITIVE_FIELDS
+        }
 
     def config_hash(self) -> str:
         """Return a SHA-256 prefix of `resume_fields`, stored in every checkpoint."""
@@ -165,17 +177,14 @@ class TrainConfig:
 
 
 def _check_device(device: str) -> None:
-    """Raise TrainConfigError for a device name torch rejects or a CUDA device this machine lacks."""
-    import torch
+    """Raise TrainConfigError for a device this machine lacks, or for ``auto``."""
+    from pipeline.models import ModelError, resolve_device
 
+    # NOTE: the device is part of a run's resume identity, so training names it.
     try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise TrainConfigError(f"invalid device {device!r}: use cpu, cuda or cuda:N") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise TrainConfigError(
-            f"device {device!r} requested, but CUDA is not available to torch {torch.__version__}; use device=cpu"
-        )
+        resolve_device(device, allow_auto=False)
+    except ModelError as error:
+        raise TrainConfigError(str(error)) from error
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

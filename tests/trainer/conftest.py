@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from stores.activations import (
     create_store,
     float32_to_bfloat16_bits,
 )
+from trainer.config import TrainConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -93,7 +95,9 @@ def build_store(
             "token_ids": rng.integers(0, 256, size=n).astype(np.int32),
             "doc_ids": doc_ids.astype(np.int64),
             "positions": (np.arange(n) % CONTEXT_SIZE).astype(np.int32),
-            "context_index": np.minimum(np.arange(n) // CONTEXT_SIZE, n_contexts - 1).astype(np.int32),
+            "context_index": np.minimum(np.arange(n) // CONTEXT_SIZE, n_contexts - 1).astype(
+                np.int32
+            ),
             "domain": corpus.copy(),
             "corpus": corpus,
             "fold": (doc_ids % 2).astype(np.uint8),
@@ -109,7 +113,9 @@ def build_store(
         n_train += len(train_rows)
 
     norm_scale = float(np.sqrt(d_model * n_train / sum_squares)) if n_train else 1.0
-    store.finalize(norm_scale, {"split": {"train": n_train, "heldout": n_shards * rows_per_shard - n_train}})
+    store.finalize(
+        norm_scale, {"split": {"train": n_train, "heldout": n_shards * rows_per_shard - n_train}}
+    )
     return ActivationStore.open(path)
 
 
@@ -122,4 +128,30 @@ def small_store(tmp_path: Path) -> ActivationStore:
 @pytest.fixture
 def sparse_store(tmp_path: Path) -> ActivationStore:
     """Four float32 shards of 512 rows built from 32 sparse feature directions, d_model 16."""
-    return build_store(tmp_path / "sparse_store", n_shards=4, rows_per_shard=512, acts_fn=sparse_feature_acts)
+    return build_store(
+        tmp_path / "sparse_store", n_shards=4, rows_per_shard=512, acts_fn=sparse_feature_acts
+    )
+
+
+def tiny_train_config(store: ActivationStore, tmp_path: Path, **overrides: Any) -> TrainConfig:
+    """A TrainConfig for a tiny store: 32 latents, a few steps, frequent checkpoints, no progress bar."""
+    values: dict[str, Any] = dict(
+        store=str(store.path),
+        runs_dir=str(tmp_path / "runs"),
+        run_name="run",
+        d_sae=32,
+        l1_coefficient=0.5,
+        l1_warmup_steps=5,
+        lr=1e-2,
+        lr_warmup_steps=3,
+        lr_decay_steps=5,
+        batch_size=64,
+        total_tokens=64 * 30,
+        checkpoint_every=5,
+        keep_checkpoints=10,
+        log_every=5,
+        dead_window=256,
+        progress_bar=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)

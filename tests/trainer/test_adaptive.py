@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stores.cache import CorrelationCache
+from tests.trainer.conftest import tiny_train_config
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig
 from trainer.pruning.adaptive import AdaptivePruningHook, connection_scores, feedback_rule
@@ -80,33 +81,22 @@ def reset_hooks():
     CrashingAdaptiveHook.crash_after_step = None
 
 
-OPTIONS = {"min_connections": 2, "prune_every": 4, "fvu_window": 2, "cache_every": 2, "tolerance": 1.0, "k_init": 64}
+OPTIONS = {
+    "min_connections": 2,
+    "prune_every": 4,
+    "fvu_window": 2,
+    "cache_every": 2,
+    "tolerance": 1.0,
+    "k_init": 64,
+}
 
 
 def make_config(store, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        store=str(store.path),
-        runs_dir=str(tmp_path / "runs"),
-        run_name="run",
-        variant="adaptive",
-        variant_options=dict(OPTIONS),
-        d_sae=32,
-        l1_coefficient=0.5,
-        l1_warmup_steps=5,
-        lr=1e-2,
-        lr_warmup_steps=3,
-        lr_decay_steps=5,
-        batch_size=64,
-        total_tokens=64 * 30,
-        seed=9,
-        checkpoint_every=5,
-        keep_checkpoints=10,
-        log_every=5,
-        dead_window=256,
-        progress_bar=False,
+    return tiny_train_config(
+        store,
+        tmp_path,
+        **{"variant": "adaptive", "variant_options": dict(OPTIONS), "seed": 9, **overrides},
     )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -130,7 +120,10 @@ def test_feedback_small_rise_grows_k():
 
 
 def test_feedback_growth_is_capped_at_k_max():
-    assert feedback_rule(k=80.0, fvu_before=0.3, fvu_after=0.1, tolerance=0.01, k_max=100).next_k == 100.0
+    assert (
+        feedback_rule(k=80.0, fvu_before=0.3, fvu_after=0.1, tolerance=0.01, k_max=100).next_k
+        == 100.0
+    )
 
 
 def test_feedback_stops_below_one():
@@ -176,7 +169,12 @@ def test_scores_lower_retain_driven_connections():
     cache = build_scoring_cache()
     magnitude_FD = torch.tensor([[2.0, 1.0], [1.0, 1.0]])
     scores = connection_scores(
-        magnitude_FD, cache.select(["forget"]), cache.select(["retain"]), tau=0.3, beta=1.0, epsilon=1e-12
+        magnitude_FD,
+        cache.select(["forget"]),
+        cache.select(["retain"]),
+        tau=0.3,
+        beta=1.0,
+        epsilon=1e-12,
     )
 
     # r_F = 1, r_R = 1/3, so s_0 = (2/3) / (4/3) = 0.5; latent 1 has s_1 = -1.
@@ -186,7 +184,9 @@ def test_scores_lower_retain_driven_connections():
     # E[x_0^2 | f_0 > 0] = (30 * 1 + 10 * 9) / 40 = 3 and E[x_1^2 | f_0 > 0] = (30 * 9 + 10 * 1) / 40 = 7.
     assert scores.importance_FD[0].tolist() == pytest.approx([2 * math.sqrt(3), math.sqrt(7)])
     # q_00 = 3 / (3 + 1) and q_01 = 1 / (1 + 3).
-    assert scores.scores_FD[0].tolist() == pytest.approx([2 * math.sqrt(3) * 0.25, math.sqrt(7) * 0.75])
+    assert scores.scores_FD[0].tolist() == pytest.approx(
+        [2 * math.sqrt(3) * 0.25, math.sqrt(7) * 0.75]
+    )
     # Importance ranks input 0 higher, the separation pressure ranks it lower.
     assert scores.importance_FD[0, 0] > scores.importance_FD[0, 1]
     assert scores.scores_FD[0, 0] < scores.scores_FD[0, 1]
@@ -197,7 +197,12 @@ def test_scores_lower_retain_driven_connections():
 def test_beta_zero_gives_importance():
     cache = build_scoring_cache()
     scores = connection_scores(
-        torch.ones(2, 2), cache.select(["forget"]), cache.select(["retain"]), tau=0.3, beta=0.0, epsilon=1e-12
+        torch.ones(2, 2),
+        cache.select(["forget"]),
+        cache.select(["retain"]),
+        tau=0.3,
+        beta=0.0,
+        epsilon=1e-12,
     )
     assert torch.equal(scores.scores_FD, scores.importance_FD)
 
@@ -223,7 +228,15 @@ def test_adaptive_reaches_target_and_logs(sparse_store, tmp_path):
     assert [event["pruned"] for event in events] == [64, 96, 144, 80]
     assert [event["next_k"] for event in events] == [96.0, 144.0, 216.0, 256.0]
     for event in events:
-        assert set(event) >= {"step", "pruned", "regrown", "density", "fvu_before", "fvu_after", "next_k"}
+        assert set(event) >= {
+            "step",
+            "pruned",
+            "regrown",
+            "density",
+            "fvu_before",
+            "fvu_after",
+            "next_k",
+        }
         assert event["regrown"] == 0
         assert event["fvu_after_steps"] == 2
     assert events[-1]["density"] == 0.25
@@ -236,7 +249,9 @@ def test_adaptive_reaches_target_and_logs(sparse_store, tmp_path):
 
 def test_forced_fvu_rise_halves_k_and_regrows(sparse_store, tmp_path):
     options = {**OPTIONS, "regrow_fraction": 0.5}
-    run_dir = train(make_config(sparse_store, tmp_path, variant=RISING_VARIANT, variant_options=options))
+    run_dir = train(
+        make_config(sparse_store, tmp_path, variant=RISING_VARIANT, variant_options=options)
+    )
     regrowths = RisingFvuHook.regrowths
     assert len(regrowths) >= 3
     for record in regrowths:
@@ -272,4 +287,6 @@ def test_adaptive_resume_is_bit_identical(sparse_store, tmp_path):
     for name, tensor in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
     assert resumed.encoder_mask == whole.encoder_mask
-    assert read_jsonl(resumed_dir / "pruning_log.jsonl") == read_jsonl(whole_dir / "pruning_log.jsonl")
+    assert read_jsonl(resumed_dir / "pruning_log.jsonl") == read_jsonl(
+        whole_dir / "pruning_log.jsonl"
+    )

@@ -49,6 +49,8 @@ def test_lr_schedule_constant_without_warmup_or_decay():
         ({"run_name": "a/b"}, "invalid run_name"),
         ({"seed": -1}, "invalid seed"),
         ({"lr_decay_steps": -1}, "invalid lr_decay_steps"),
+        ({"device": "auto"}, "invalid device 'auto': use cpu, cuda or cuda:N"),
+        ({"device": "gpu0"}, "invalid device 'gpu0'"),
     ],
 )
 def test_invalid_values_rejected(overrides, message):
@@ -58,13 +60,25 @@ def test_invalid_values_rejected(overrides, message):
 
 def test_hash_ignores_logging_fields():
     base = make_config()
-    assert make_config(log_every=7, checkpoint_every=3, runs_dir="elsewhere").config_hash() == base.config_hash()
+    assert (
+        make_config(log_every=7, checkpoint_every=3, runs_dir="elsewhere").config_hash()
+        == base.config_hash()
+    )
     assert make_config(lr=0.5).config_hash() != base.config_hash()
     assert make_config(train_corpora=["wiki"]).config_hash() != base.config_hash()
 
 
 def test_build_from_toml_values():
-    cfg = build(TrainConfig, {"store": "s", "total_tokens": "10_000", "batch_size": "100", "train_corpora": "bio,wiki", "activation": "topk"})
+    cfg = build(
+        TrainConfig,
+        {
+            "store": "s",
+            "total_tokens": "10_000",
+            "batch_size": "100",
+            "train_corpora": "bio,wiki",
+            "activation": "topk",
+        },
+    )
     assert cfg.total_tokens == 10000
     assert cfg.total_steps == 100
     assert cfg.train_corpora == ["bio", "wiki"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stores.masks import MaskError, PackedMask
-from trainer.config import TrainConfig
+from tests.trainer.conftest import tiny_train_config
 from trainer.pruning.fixed import FixedPruningHook
 from trainer.pruning.options import FixedOptions
 from trainer.saes import Variant, load_sae, register_variant
@@ -209,25 +209,18 @@ register_variant(
 def test_invariants_hold_in_training(sparse_store, tmp_path):
     CheckingFixedHook.checked_steps = 0
     CheckingFixedHook.events = 0
-    cfg = TrainConfig(
-        store=str(sparse_store.path),
-        runs_dir=str(tmp_path / "runs"),
+    cfg = tiny_train_config(
+        sparse_store,
+        tmp_path,
         run_name="checked",
         variant="fixed-checking-test",
         variant_options={"min_connections": 3, "prune_every": 3, "target_density": 0.2, "cache_every": 2},
-        d_sae=32,
-        l1_coefficient=0.5,
         l1_warmup_steps=0,
-        lr=1e-2,
         lr_warmup_steps=0,
         lr_decay_steps=0,
-        batch_size=64,
-        total_tokens=64 * 30,
         seed=3,
         checkpoint_every=0,
         log_every=10,
-        dead_window=256,
-        progress_bar=False,
     )
     run_dir = train(cfg)
     assert CheckingFixedHook.checked_steps == 30

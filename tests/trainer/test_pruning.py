@@ -12,6 +12,7 @@ import torch
 
 from stores.cache import CacheError, CorrelationCache
 from stores.masks import MaskError, PackedMask
+from tests.trainer.conftest import tiny_train_config
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig
 from trainer.pruning.fixed import FixedPruningHook
@@ -62,29 +63,10 @@ def reset_crash():
 
 
 def make_config(store, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        store=str(store.path),
-        runs_dir=str(tmp_path / "runs"),
-        run_name="run",
-        variant="fixed",
-        variant_options={"min_connections": 2, "prune_every": 4, "fvu_window": 3, "cache_every": 2},
-        d_sae=32,
-        l1_coefficient=0.5,
-        l1_warmup_steps=5,
-        lr=1e-2,
-        lr_warmup_steps=3,
-        lr_decay_steps=5,
-        batch_size=64,
-        total_tokens=64 * 30,
-        seed=5,
-        checkpoint_every=5,
-        keep_checkpoints=10,
-        log_every=5,
-        dead_window=256,
-        progress_bar=False,
+    options = {"min_connections": 2, "prune_every": 4, "fvu_window": 3, "cache_every": 2}
+    return tiny_train_config(
+        store, tmp_path, **{"variant": "fixed", "variant_options": options, "seed": 5, **overrides}
     )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -133,7 +115,13 @@ def test_target_density_one_is_valid():
 
 def test_min_connections_above_target_is_an_error(small_store, tmp_path):
     # d_model 16 and target 0.25 allow at most 4 connections per latent.
-    cfg = make_config(small_store, tmp_path, variant_options={"min_connections": 8}, batch_size=32, total_tokens=320)
+    cfg = make_config(
+        small_store,
+        tmp_path,
+        variant_options={"min_connections": 8},
+        batch_size=32,
+        total_tokens=320,
+    )
     with pytest.raises(PruningConfigError, match="lower min_connections to at most 4"):
         train(cfg)
 
@@ -144,7 +132,9 @@ def test_min_connections_above_target_is_an_error(small_store, tmp_path):
 def test_selection_keeps_min_connections_per_row():
     scores_FD = torch.tensor([[0.1, 0.2, 0.3, 0.4], [5.0, 6.0, 7.0, 8.0]], dtype=torch.float64)
     live_FD = torch.ones(2, 4, dtype=torch.bool)
-    chosen_FD = select_prunable(scores_FD, torch.zeros_like(scores_FD), live_FD, n=5, min_connections=2)
+    chosen_FD = select_prunable(
+        scores_FD, torch.zeros_like(scores_FD), live_FD, n=5, min_connections=2
+    )
     # Row 0 contains the four lowest scores, but keeps its two best.
     expected_FD = torch.tensor([[True, True, False, False], [True, True, False, False]])
     assert torch.equal(chosen_FD, expected_FD)
@@ -176,15 +166,23 @@ def test_guard_keeps_alive_latent_whole(small_store, tmp_path):
         sae.W_enc_DF.fill_(1.0)
         sae.W_enc_DF[:, 0] = 0.1
         sae.b_enc_F.copy_(torch.tensor([-1.2, 0.0, 0.0, 0.0]))
-    context = HookContext(cfg, FixedOptions(min_connections=2, track_separation=False), sae, small_store,
-                          np.random.default_rng(0), tmp_path / "hook_run")
+    context = HookContext(
+        cfg,
+        FixedOptions(min_connections=2, track_separation=False),
+        sae,
+        small_store,
+        np.random.default_rng(0),
+        tmp_path / "hook_run",
+    )
     hook = FixedPruningHook(context)
     optimizer = torch.optim.Adam(sae.parameters())
     x_BD = torch.ones(3, 16)
     assert bool((sae.encode(x_BD)[:, 0] > 0).all())
 
     magnitude_FD = sae.W_enc_DF.detach().abs().T.double()
-    pruned_FD, kept_whole = hook.prune_encoder(optimizer, magnitude_FD, torch.zeros_like(magnitude_FD), 8, x_BD)
+    pruned_FD, kept_whole = hook.prune_encoder(
+        optimizer, magnitude_FD, torch.zeros_like(magnitude_FD), 8, x_BD
+    )
 
     assert kept_whole == 1
     assert int(pruned_FD[0].sum()) == 0
@@ -213,7 +211,9 @@ def test_fixed_reaches_target_and_logs(sparse_store, tmp_path):
     assert densities == sorted(densities, reverse=True)
     assert densities[-1] == 0.25
     for event in events:
-        assert event["scheduled_density"] == pytest.approx(round(cubic_density(event["step"], 0.25, 3, 21) * 512) / 512)
+        assert event["scheduled_density"] == pytest.approx(
+            round(cubic_density(event["step"], 0.25, 3, 21) * 512) / 512
+        )
         assert event["fvu_before"] > 0
         assert event["fvu_after"] > 0
 
@@ -222,12 +222,19 @@ def test_fixed_reaches_target_and_logs(sparse_store, tmp_path):
     assert separation["d_sae"] == 32
     assert separation["cache_token_mass"]["forget"] > 0
     assert separation["cache_token_mass"]["retain"] > 0
-    cache = CorrelationCache.load(run_dir / "sae" / "cache.zarr", expected_model="synthetic", expected_layer=0)
+    cache = CorrelationCache.load(
+        run_dir / "sae" / "cache.zarr", expected_model="synthetic", expected_layer=0
+    )
     assert cache.n_updates == 15
 
 
 def test_decoder_pruning(sparse_store, tmp_path):
-    options = {"min_connections": 2, "prune_every": 4, "prune_decoder": True, "track_separation": False}
+    options = {
+        "min_connections": 2,
+        "prune_every": 4,
+        "prune_decoder": True,
+        "track_separation": False,
+    }
     run_dir = train(make_config(sparse_store, tmp_path, variant_options=options))
     sae = load_sae(run_dir / "sae")
     assert sae.mask_densities() == {"encoder_density": 0.25, "decoder_density": 0.25}
@@ -236,7 +243,13 @@ def test_decoder_pruning(sparse_store, tmp_path):
 
 
 def test_standard_variant_writes_separation_report(small_store, tmp_path):
-    cfg = make_config(small_store, tmp_path, variant="standard", variant_options={"cache_every": 1}, total_tokens=64 * 4)
+    cfg = make_config(
+        small_store,
+        tmp_path,
+        variant="standard",
+        variant_options={"cache_every": 1},
+        total_tokens=64 * 4,
+    )
     run_dir = train(cfg)
     separation = json.loads((run_dir / "sae" / "separation.json").read_text())
     assert separation["variant"] == "standard"
@@ -263,7 +276,9 @@ def test_fixed_resume_is_bit_identical(sparse_store, tmp_path):
     for name, tensor in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
     assert resumed.encoder_mask == whole.encoder_mask
-    assert read_jsonl(resumed_dir / "pruning_log.jsonl") == read_jsonl(whole_dir / "pruning_log.jsonl")
+    assert read_jsonl(resumed_dir / "pruning_log.jsonl") == read_jsonl(
+        whole_dir / "pruning_log.jsonl"
+    )
     whole_cache = CorrelationCache.load(whole_dir / "sae" / "cache.zarr")
     resumed_cache = CorrelationCache.load(resumed_dir / "sae" / "cache.zarr")
     for name, tensor in whole_cache.stats.items():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainer.conftest import build_store
+from tests.trainer.conftest import build_store, tiny_train_config
 from trainer.batches import BatchError, BatchStream
 from trainer.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from trainer.config import TrainConfig, TrainConfigError
@@ -35,14 +35,21 @@ class InterruptHook(TrainingHook):
 
     def after_optimizer_step(self, step, sae, optimizer, batch, f_BF):
         InterruptHook.calls.append(("after", step))
-        if InterruptHook.crash_after_step is not None and step + 1 == InterruptHook.crash_after_step:
+        if (
+            InterruptHook.crash_after_step is not None
+            and step + 1 == InterruptHook.crash_after_step
+        ):
             raise SimulatedCrash(f"simulated crash after step {step + 1}")
 
     def metrics(self):
         return {"hook_calls": float(len(InterruptHook.calls))}
 
 
-register_variant(Variant(name=INTERRUPT_VARIANT, sae_class=StandardSAE, make_hook=lambda context: InterruptHook()))
+register_variant(
+    Variant(
+        name=INTERRUPT_VARIANT, sae_class=StandardSAE, make_hook=lambda context: InterruptHook()
+    )
+)
 
 
 @pytest.fixture(autouse=True)
@@ -55,27 +62,14 @@ def reset_hook():
 
 def make_config(store, tmp_path, **overrides) -> TrainConfig:
     values = dict(
-        store=str(store.path),
-        runs_dir=str(tmp_path / "runs"),
-        run_name="run",
-        d_sae=32,
-        l1_coefficient=0.5,
-        l1_warmup_steps=5,
-        lr=1e-2,
-        lr_warmup_steps=3,
-        lr_decay_steps=5,
         batch_size=32,
         total_tokens=32 * 20,
         seed=11,
         shuffle_buffer_shards=2,
-        checkpoint_every=5,
         keep_checkpoints=2,
-        log_every=5,
         dead_window=64,
-        progress_bar=False,
     )
-    values.update(overrides)
-    return TrainConfig(**values)
+    return tiny_train_config(store, tmp_path, **{**values, **overrides})
 
 
 def read_log(run_dir) -> list[dict]:
@@ -83,10 +77,14 @@ def read_log(run_dir) -> list[dict]:
 
 
 def test_resume_is_bit_identical(small_store, tmp_path):
-    uninterrupted_dir = train(make_config(small_store, tmp_path, run_name="whole", variant=INTERRUPT_VARIANT))
+    uninterrupted_dir = train(
+        make_config(small_store, tmp_path, run_name="whole", variant=INTERRUPT_VARIANT)
+    )
 
     InterruptHook.crash_after_step = 12
-    interrupted_cfg = make_config(small_store, tmp_path, run_name="split", variant=INTERRUPT_VARIANT)
+    interrupted_cfg = make_config(
+        small_store, tmp_path, run_name="split", variant=INTERRUPT_VARIANT
+    )
     with pytest.raises(SimulatedCrash):
         train(interrupted_cfg)
     assert latest_checkpoint(interrupted_cfg.run_dir).name == "step_00000010"
@@ -169,8 +167,18 @@ def test_log_and_outputs(small_store, tmp_path):
     assert [record["step"] for record in log] == [5, 10, 15, 20]
     assert [record["tokens"] for record in log] == [160, 320, 480, 640]
     expected_keys = {
-        "step", "tokens", "loss", "mse_loss", "mse", "explained_variance", "l0", "l1",
-        "dead_fraction", "lr", "l1_coefficient", "hook_calls",
+        "step",
+        "tokens",
+        "loss",
+        "mse_loss",
+        "mse",
+        "explained_variance",
+        "l0",
+        "l1",
+        "dead_fraction",
+        "lr",
+        "l1_coefficient",
+        "hook_calls",
     }
     for record in log:
         assert set(record) == expected_keys
@@ -197,7 +205,9 @@ def test_log_and_outputs(small_store, tmp_path):
 
 
 def test_empty_split_is_an_error(tmp_path):
-    store = build_store(tmp_path / "all_train", split_fn=lambda doc_ids: np.zeros(len(doc_ids), dtype=np.uint8))
+    store = build_store(
+        tmp_path / "all_train", split_fn=lambda doc_ids: np.zeros(len(doc_ids), dtype=np.uint8)
+    )
     with pytest.raises(BatchError, match="no tokens in store"):
         train(make_config(store, tmp_path, split="heldout"))
     assert not (tmp_path / "runs" / "run" / "sae").exists()
@@ -209,7 +219,12 @@ def test_nan_in_store_is_an_error(tmp_path):
         acts[5, 0] = np.inf
         return acts
 
-    store = build_store(tmp_path / "inf", n_shards=1, acts_fn=acts_with_inf, split_fn=lambda d: np.zeros(len(d), dtype=np.uint8))
+    store = build_store(
+        tmp_path / "inf",
+        n_shards=1,
+        acts_fn=acts_with_inf,
+        split_fn=lambda d: np.zeros(len(d), dtype=np.uint8),
+    )
     with pytest.raises(BatchError, match="shard 0, row 5 "):
         train(make_config(store, tmp_path, batch_size=96, total_tokens=96 * 2))
 
@@ -219,8 +234,14 @@ def test_negative_explained_variance_warns(small_store, tmp_path, caplog):
     # reconstructs the offset Gaussian rows worse than their batch mean does
     # (explained variance about -0.6 on this store).
     cfg = make_config(
-        small_store, tmp_path, lr=1e-12, l1_warmup_steps=0, lr_warmup_steps=0, lr_decay_steps=0,
-        log_every=2, b_dec_init="zeros",
+        small_store,
+        tmp_path,
+        lr=1e-12,
+        l1_warmup_steps=0,
+        lr_warmup_steps=0,
+        lr_decay_steps=0,
+        log_every=2,
+        b_dec_init="zeros",
     )
     with caplog.at_level(logging.WARNING, logger="trainer.train"):
         train(cfg)
@@ -230,15 +251,30 @@ def test_negative_explained_variance_warns(small_store, tmp_path, caplog):
 def explained_variance(sae, x_BD) -> float:
     with torch.no_grad():
         x_hat_BD, _ = sae(x_BD)
-    return 1.0 - ((x_BD - x_hat_BD) ** 2).sum().item() / ((x_BD - x_BD.mean(dim=0)) ** 2).sum().item()
+    return (
+        1.0 - ((x_BD - x_hat_BD) ** 2).sum().item() / ((x_BD - x_BD.mean(dim=0)) ** 2).sum().item()
+    )
 
 
-@pytest.mark.parametrize(("activation", "l1_coefficient", "max_l0"), [("topk", 0.0, 4.0), ("relu", 1.0, 8.0)])
+@pytest.mark.parametrize(
+    ("activation", "l1_coefficient", "max_l0"), [("topk", 0.0, 4.0), ("relu", 1.0, 8.0)]
+)
 def test_learns_sparse_features(sparse_store, tmp_path, activation, l1_coefficient, max_l0):
     cfg = make_config(
-        sparse_store, tmp_path, d_sae=64, activation=activation, k=4, l1_coefficient=l1_coefficient,
-        l1_warmup_steps=20, lr=3e-2, lr_warmup_steps=10, lr_decay_steps=40, batch_size=128,
-        total_tokens=128 * 300, checkpoint_every=0, log_every=50,
+        sparse_store,
+        tmp_path,
+        d_sae=64,
+        activation=activation,
+        k=4,
+        l1_coefficient=l1_coefficient,
+        l1_warmup_steps=20,
+        lr=3e-2,
+        lr_warmup_steps=10,
+        lr_decay_steps=40,
+        batch_size=128,
+        total_tokens=128 * 300,
+        checkpoint_every=0,
+        log_every=50,
     )
     sae = load_sae(train(cfg) / "sae")
 

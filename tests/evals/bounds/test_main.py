@@ -15,8 +15,7 @@ import torch
 
 from evals.bounds.config import BoundsConfigError, BoundsEvalConfig
 from evals.bounds.main import BoundsEvalError, check_preactivations, normalized_weights, run
-from tests.trainer.conftest import build_store, sparse_feature_acts
-from trainer.config import TrainConfig
+from tests.trainer.conftest import build_store, sparse_feature_acts, tiny_train_config
 from trainer.saes import StandardSAE, StandardSAEConfig, load_sae
 from trainer.train import train
 
@@ -42,25 +41,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = build_store(
         root / "store", n_shards=4, rows_per_shard=512, d_model=D_MODEL, acts_fn=forget_feature_acts
     )
-    cfg = TrainConfig(
-        store=str(store.path),
-        runs_dir=str(root / "runs"),
+    cfg = tiny_train_config(
+        store,
+        root,
         run_name="fixed",
         variant="fixed",
         variant_options={"min_connections": 2, "prune_every": 4, "fvu_window": 3, "cache_every": 2},
         d_sae=D_SAE,
-        l1_coefficient=0.5,
-        l1_warmup_steps=5,
-        lr=1e-2,
-        lr_warmup_steps=3,
-        lr_decay_steps=5,
-        batch_size=64,
-        total_tokens=64 * 30,
         seed=5,
         checkpoint_every=100,
         log_every=10,
-        dead_window=256,
-        progress_bar=False,
     )
     run_dir = train(cfg)
     return {"root": root, "store": store, "run_dir": run_dir, "sae_dir": run_dir / "sae"}
