@@ -146,7 +146,8 @@ def resolve_source(spec: CorpusSpec) -> str | None:
     return None
 
 
-def _is_local(source: str) -> bool:
+def is_local_source(source: str) -> bool:
+    """Return whether ``source`` names a local file rather than a hub dataset."""
     return source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
 
 
@@ -157,7 +158,7 @@ def _iter_raw_records(
     hub_config: str | None,
 ) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """Yield ``(doc_id, location, record)`` for every record; ``location`` is used in errors."""
-    if not _is_local(source):
+    if not is_local_source(source):
         yield from _iter_hub(source, split=split, hub_config=hub_config)
         return
 
@@ -313,7 +314,7 @@ def load_mcq(
             f"invalid max_questions {max_questions}: use a positive number, or None for all questions"
         )
     subject_filter = set(subjects) if subjects is not None else None
-    default_subject = hub_config or (Path(source).stem if _is_local(source) else source)
+    default_subject = hub_config or (Path(source).stem if is_local_source(source) else source)
 
     count = 0
     for doc_id, location, record in _iter_raw_records(source, split=split, hub_config=hub_config):
@@ -363,6 +364,7 @@ __all__ = [
     "MCQuestion",
     "TextDoc",
     "default_corpora",
+    "is_local_source",
     "iter_corpus_texts",
     "load_mcq",
     "load_text_corpus",

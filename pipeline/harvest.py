@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import HarvestConfig
-from pipeline.data import CorpusSpec, iter_corpus_texts, resolve_source
+from pipeline.data import CorpusSpec, is_local_source, iter_corpus_texts, resolve_source
 from pipeline.models import (
     LoadedModel,
     ModelConfig,
@@ -212,6 +212,27 @@ def resolve_corpora(cfg: HarvestConfig) -> list[HarvestCorpus]:
     return corpora
 
 
+def check_local_corpora(corpora: list[HarvestCorpus]) -> None:
+    """Read every record of the local corpus files, so that a malformed record fails before any shard.
+
+    Raises DataError (with the file and line) or HarvestError for a corpus whose texts
+    are all blank. Hub corpora are streamed and checked only when harvested.
+    """
+    for corpus in corpora:
+        if not is_local_source(corpus.source):
+            continue
+        n_docs = 0
+        has_text = False
+        for doc in iter_corpus_texts(corpus.spec, corpus.source):
+            n_docs += 1
+            has_text = has_text or bool(doc.text.strip())
+        if not has_text:
+            raise HarvestError(
+                f"corpus {corpus.spec.name} ({corpus.source}) has {n_docs} document(s) but no text: every "
+                "text is empty or blank. Fix the file or its text_field, or remove the corpus from the config"
+            )
+
+
 def _iter_packed_contexts(
     cfg: HarvestConfig,
     corpora: list[HarvestCorpus],
@@ -247,7 +268,7 @@ def _iter_packed_contexts(
                 break
 
         if n_tokens == 0:
-            # NOTE: a corpus is only read when its turn comes, so the shards of the
+            # NOTE: a hub corpus is only read when its turn comes, so the shards of the
             # corpora before it stay on disk, and a rerun after the fix resumes them.
             raise HarvestError(
                 f"corpus {spec.name} ({corpus.source}) has {n_docs} document(s) but no tokens: every text is "
@@ -672,6 +693,10 @@ def run_harvest(cfg: HarvestConfig) -> ActivationStore:
     layer = resolve_layer(cfg.model.layer, n_layers)
     corpora = resolve_corpora(cfg)
     domain_codes = [DOMAINS.index(corpus.spec.domain) for corpus in corpora]
+
+    # Local files are read once before the store is created, so that a bad record in
+    # the last corpus stops the run before the first shard rather than after hours.
+    check_local_corpora(corpora)
 
     metadata = _build_metadata(cfg, corpora, tokenizer, layer, d_model, n_layers)
     store = create_store(cfg.store, metadata, overwrite=cfg.overwrite)

@@ -1138,12 +1138,18 @@ def run(cfg: CrossvalConfig) -> Path:
 
     for variant, summary in summaries.items():
         score = summary.unlearning_score
+        if score.mean is None:
+            shown = "n/a"
+        elif score.std is None:
+            # One counted fold has no spread to show.
+            shown = f"{score.mean:.4f} (one fold)"
+        else:
+            shown = f"{score.mean:.4f} ± {score.std:.4f}"
         logger.info(
-            "variant %s: unlearning_score %s over %d folds",
+            "variant %s: unlearning_score %s, counted in %d of %d folds",
             variant,
-            "n/a"
-            if score.mean is None
-            else f"{score.mean:.4f} ± {score.std if score.std is not None else float('nan'):.4f}",
+            shown,
+            score.n_folds,
             summary.n_folds,
         )
     logger.info("crossval results -> %s", output_path)

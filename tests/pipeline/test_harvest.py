@@ -16,7 +16,7 @@ import torch
 import pipeline.harvest as harvest
 import stores.activations as activations
 from pipeline.config import HarvestConfig, HarvestConfigError
-from pipeline.data import CorpusSpec
+from pipeline.data import CorpusSpec, DataError
 from pipeline.harvest import (
     HELDOUT_SPLIT,
     TRAIN_SPLIT,
@@ -487,5 +487,18 @@ def test_blank_corpus_is_an_error(tiny_model_dir: Path, corpus_dir: Path, tmp_pa
         tmp_path / "store",
         corpora=[CorpusSpec(name="blank", kind="text", domain="retain", local=str(blank))],
     )
-    with pytest.raises(HarvestError, match="corpus blank .* has 2 document\\(s\\) but no tokens"):
+    with pytest.raises(HarvestError, match="corpus blank .* has 2 document\\(s\\) but no text"):
         run_harvest(cfg)
+
+
+def test_malformed_last_corpus_fails_first(tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "cut off\n', encoding="utf-8")
+    cfg = make_config(tiny_model_dir, corpus_dir, tmp_path / "store")
+    cfg.corpora.append(CorpusSpec(name="broken", kind="text", domain="retain", local=str(broken)))
+
+    with pytest.raises(DataError, match="broken.jsonl, line 2"):
+        run_harvest(cfg)
+
+    # The check runs before the store is created, so no shard of the earlier corpora exists.
+    assert not (tmp_path / "store").exists()
