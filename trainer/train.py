@@ -250,6 +250,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         start_step = int(state["step"])
         tokens_seen = int(state["tokens_seen"])
         tokens_since_fired_F = torch.tensor(state["tokens_since_fired"], dtype=torch.int64, device=device)
+        if start_step >= total_steps and (run_dir / SAE_DIR).is_dir():
+            # The SAE directory appears in one rename after the final checkpoint, so
+            # its presence means the run finished.
+            logger.info("Run %s already finished (%d steps); nothing to train", run_dir, total_steps)
+            return run_dir
         _trim_log(run_dir / TRAIN_LOG_FILE, start_step)
         logger.info("Resuming %s from step %d (%d tokens seen)", run_dir, start_step, tokens_seen)
     else:

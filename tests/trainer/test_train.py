@@ -108,6 +108,19 @@ def test_resume_is_bit_identical(small_store, tmp_path):
         assert a["dead_fraction"] == b["dead_fraction"], a["step"]
 
 
+def test_resume_finished_run_is_noop(small_store, tmp_path):
+    cfg = make_config(small_store, tmp_path, total_tokens=32 * 10)
+    run_dir = train(cfg)
+    sae_file = run_dir / "sae" / "sae.safetensors"
+    written = sae_file.stat().st_mtime_ns
+    log_before = read_log(run_dir)
+
+    assert train(cfg, resume=True) == run_dir
+
+    assert sae_file.stat().st_mtime_ns == written
+    assert read_log(run_dir) == log_before
+
+
 def test_resume_rejects_changed_config(small_store, tmp_path):
     cfg = make_config(small_store, tmp_path, total_tokens=32 * 10)
     train(cfg)
