@@ -11,11 +11,12 @@ Separation is measured by two numbers, higher is better for both:
 
 Two kinds of evidence are used, the first one available:
 
-1. Cross-validation: a metric's values over folds for each variant. The reference and
-   a baseline differ significantly when Welch's two-sided t-test over folds gives
-   ``p < alpha``. NOTE: the folds are the same for every variant, so a paired test
-   would have more power. Welch's test ignores the pairing, which makes it
-   conservative when the variants' fold values rise and fall together.
+1. Cross-validation: a metric's values over folds for each variant. Every variant is
+   evaluated on the same folds, so the reference and a baseline are compared fold by
+   fold: they differ significantly when the two-sided paired t-test over the folds
+   both have gives ``p < alpha``. The pairing removes what the folds share (easier or
+   harder questions and texts). Estimates without fold numbers fall back on Welch's
+   unpaired t-test.
 2. One eval run per variant: the 95% intervals stored in the unlearning results
    (Wilson intervals for accuracies, Student-t intervals for loss rises). The variants
    differ significantly only when the intervals do not overlap. Two non-overlapping
@@ -61,6 +62,7 @@ class Estimate:
         low: Lower end of its 95% interval; None without an interval.
         high: Upper end of its 95% interval; None without an interval.
         fold_values: The per-fold values of a cross-validated estimate, else None.
+        fold_ids: The fold number of each of ``fold_values``, for paired tests, or None.
         source: Where the value comes from, e.g. the sweep point, for the report.
         setting: (retain_threshold, n_features, multiplier) of the fixed sweep point the
             value is read at, or None. Estimates at different settings are not compared.
@@ -70,6 +72,7 @@ class Estimate:
     low: float | None = None
     high: float | None = None
     fold_values: list[float] | None = None
+    fold_ids: list[int] | None = None
     source: str = ""
     setting: tuple[float, int, float] | None = None
 
@@ -215,6 +218,57 @@ def welch_comparison(
     else:
         outcome = "not significant"
     return replace(comparison, outcome=outcome, p_value=p_value)
+
+
+def paired_comparison(
+    metric: str, reference: str, baseline: str, ref: Estimate, base: Estimate, alpha: float
+) -> Comparison:
+    """Compare two cross-validated estimates with a two-sided paired t-test over their common folds.
+
+    Falls back on `welch_comparison` when either estimate lacks fold numbers.
+    """
+    if ref.fold_ids is None or base.fold_ids is None:
+        return welch_comparison(metric, reference, baseline, ref, base, alpha)
+    assert ref.fold_values is not None and base.fold_values is not None
+    comparison = Comparison(
+        metric=metric, reference=reference, baseline=baseline,
+        method=f"paired t-test over folds, alpha = {alpha}", outcome="not significant",
+        reference_estimate=ref, baseline_estimate=base,
+    )
+    mismatch = setting_mismatch(ref, base)
+    if mismatch:
+        return replace(comparison, outcome="not comparable", reason=mismatch)
+
+    base_by_fold = dict(zip(base.fold_ids, base.fold_values, strict=True))
+    pairs = [
+        (value, base_by_fold[fold])
+        for fold, value in zip(ref.fold_ids, ref.fold_values, strict=True)
+        if fold in base_by_fold
+    ]
+    if len(pairs) < 2:
+        return replace(
+            comparison, outcome="not comparable",
+            reason=f"the paired test needs two folds with a value in both variants, got {len(pairs)}",
+        )
+    differences = [a - b for a, b in pairs]
+    spread = stdev(differences)
+    assert spread is not None
+    if spread <= 1e-12 * max(1.0, max(abs(value) for value in differences)):
+        # The t statistic is undefined. A difference that is the same in every fold
+        # would give p = 0, which a handful of folds cannot support.
+        return replace(
+            comparison, outcome="not comparable",
+            reason="the difference is the same in every fold, so the paired t-test is undefined",
+        )
+    result = stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs])
+    p_value = float(result.pvalue)
+    mean_difference = sum(differences) / len(differences)
+    if p_value < alpha:
+        outcome: Outcome = "better" if mean_difference > 0 else "worse"
+    else:
+        outcome = "not significant"
+    method = f"paired t-test over {len(pairs)} common folds, alpha = {alpha}"
+    return replace(comparison, outcome=outcome, p_value=p_value, method=method)
 
 
 def interval_comparison(
@@ -516,7 +570,7 @@ def crossval_conclusion(
     alpha: float,
     caveats: list[str],
 ) -> Conclusion:
-    """Conclude from per-fold values, ``fold_estimates[metric][variant]``, with Welch's t-test."""
+    """Conclude from per-fold values, ``fold_estimates[metric][variant]``, with paired t-tests."""
     primary = SCORE_METRIC if reliable else SELECTIVITY_METRIC
     if primary not in fold_estimates:
         # Fall back on the metric the cross-validation has, saying so.
@@ -536,7 +590,7 @@ def crossval_conclusion(
         for baseline in baselines:
             if baseline in by_variant:
                 comparisons.append(
-                    welch_comparison(metric, reference, baseline, by_variant[reference], by_variant[baseline], alpha)
+                    paired_comparison(metric, reference, baseline, by_variant[reference], by_variant[baseline], alpha)
                 )
     if not reliable:
         mark_unreliable_scores(comparisons)
@@ -562,9 +616,9 @@ def crossval_conclusion(
 # Cross-validation
 
 
-def present_values(values: list[float | None]) -> list[float]:
-    """Drop the folds without a value."""
-    return [value for value in values if value is not None]
+def present_folds(values: list[float | None]) -> list[tuple[int, float]]:
+    """Return ``(fold, value)`` for the folds that have a value."""
+    return [(fold, value) for fold, value in enumerate(values) if value is not None]
 
 
 def crossval_estimates(output: CrossvalEvalOutput) -> dict[str, dict[str, Estimate]]:
@@ -575,23 +629,29 @@ def crossval_estimates(output: CrossvalEvalOutput) -> dict[str, dict[str, Estima
     """
     estimates: dict[str, dict[str, Estimate]] = {SCORE_METRIC: {}, SELECTIVITY_METRIC: {}}
     for variant, summary in output.eval_result_metrics.variants.items():
-        scores = present_values(summary.unlearning_score.values)
-        if scores:
+        score_folds = present_folds(summary.unlearning_score.values)
+        if score_folds:
+            scores = [value for _, value in score_folds]
             estimates[SCORE_METRIC][variant] = Estimate(
                 value=sum(scores) / len(scores), fold_values=scores,
+                fold_ids=[fold for fold, _ in score_folds],
                 source=f"{len(scores)} of {summary.n_folds} folds have a score",
             )
         point = strongest_point_summary(summary.sweep_points)
         if point is None:
             continue
-        differences = [
-            forget - retain
-            for forget, retain in zip(point.forget_loss_rise.values, point.retain_loss_rise.values, strict=True)
+        folds_and_differences = [
+            (fold, forget - retain)
+            for fold, (forget, retain) in enumerate(
+                zip(point.forget_loss_rise.values, point.retain_loss_rise.values, strict=True)
+            )
             if forget is not None and retain is not None
         ]
-        if differences:
+        if folds_and_differences:
+            differences = [value for _, value in folds_and_differences]
             estimates[SELECTIVITY_METRIC][variant] = Estimate(
                 value=sum(differences) / len(differences), fold_values=differences,
+                fold_ids=[fold for fold, _ in folds_and_differences],
                 source=(
                     f"retain_threshold {point.retain_threshold:g}, n_features {point.n_features}, "
                     f"multiplier {point.multiplier:g}"

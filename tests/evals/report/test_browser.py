@@ -50,7 +50,7 @@ def console_errors(stderr: str) -> list[str]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("browser")
-    crossval = crossval_output({"adaptive": [0.5, 0.6, 0.55], "fixed": [0.2, 0.3, 0.25], "standard": [0.1, 0.15, 0.2]})
+    crossval = crossval_output({"adaptive": [0.5, 0.6, 0.55], "fixed": [0.2, 0.35, 0.25], "standard": [0.1, 0.15, 0.2]})
     experiment = build_experiment(root, crossval=crossval)
     return run(ReportConfig(experiment_dir=str(experiment), dpi=40))
 

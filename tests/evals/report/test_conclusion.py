@@ -11,6 +11,7 @@ from evals.report.conclusion import (
     Estimate,
     conclude,
     interval_comparison,
+    paired_comparison,
     score_estimate,
     selectivity_estimate,
     welch_comparison,
@@ -177,6 +178,55 @@ def test_welch_zero_variance_is_not_comparable() -> None:
     assert comparison.outcome == "not comparable"
 
 
+def fold_estimate(values: list[float], folds: list[int]) -> Estimate:
+    return Estimate(value=sum(values) / len(values), fold_values=values, fold_ids=folds)
+
+
+def test_paired_matches_scipy() -> None:
+    # Folds differ a lot from each other, but the reference is above the baseline in
+    # every fold by about 0.05: significant when paired, not when unpaired.
+    base_values = [0.1, 0.4, 0.7, 0.2, 0.9]
+    ref_values = [value + shift for value, shift in zip(base_values, [0.05, 0.06, 0.04, 0.05, 0.055], strict=True)]
+    ref = fold_estimate(ref_values, [0, 1, 2, 3, 4])
+    base = fold_estimate(base_values, [0, 1, 2, 3, 4])
+
+    paired = paired_comparison(SCORE_METRIC, "adaptive", "fixed", ref, base, 0.05)
+    unpaired = welch_comparison(SCORE_METRIC, "adaptive", "fixed", ref, base, 0.05)
+
+    assert paired.p_value == pytest.approx(stats.ttest_rel(ref_values, base_values).pvalue)
+    assert paired.outcome == "better"
+    assert unpaired.outcome == "not significant"
+
+
+def test_paired_uses_common_folds_only() -> None:
+    ref = fold_estimate([0.5, 0.7, 0.9], [0, 2, 4])
+    base = fold_estimate([0.1, 0.3, 0.2, 0.4], [0, 1, 2, 3])
+
+    comparison = paired_comparison(SCORE_METRIC, "adaptive", "fixed", ref, base, 0.05)
+
+    assert comparison.method.startswith("paired t-test over 2 common folds")
+    assert comparison.p_value == pytest.approx(stats.ttest_rel([0.5, 0.7], [0.1, 0.2]).pvalue)
+
+
+def test_paired_needs_two_common_folds() -> None:
+    ref = fold_estimate([0.5, 0.9], [0, 4])
+    base = fold_estimate([0.1, 0.3], [0, 1])
+
+    comparison = paired_comparison(SCORE_METRIC, "adaptive", "fixed", ref, base, 0.05)
+
+    assert comparison.outcome == "not comparable"
+    assert "got 1" in comparison.reason
+
+
+def test_paired_without_fold_ids_is_welch() -> None:
+    ref = Estimate(value=0.6, fold_values=[0.5, 0.6, 0.7])
+    base = Estimate(value=0.2, fold_values=[0.1, 0.2, 0.3])
+
+    comparison = paired_comparison(SCORE_METRIC, "adaptive", "fixed", ref, base, 0.05)
+
+    assert comparison.method.startswith("Welch")
+
+
 def test_crossval_significantly_better() -> None:
     crossval = crossval_output({
         "adaptive": [0.5, 0.6, 0.55, 0.7, 0.65],
@@ -191,7 +241,7 @@ def test_crossval_significantly_better() -> None:
     assert conclusion.evidence == "cross-validation over 5 folds"
     assert outcomes(conclusion, SCORE_METRIC) == {"fixed": "better", "standard": "better"}
     assert "mean ± std over 5 folds" in conclusion.paragraph
-    assert "Welch's t-test over folds" in conclusion.paragraph
+    assert "paired t-test over 5 common folds" in conclusion.paragraph
     assert "separates significantly better than fixed and standard" in conclusion.paragraph
 
 

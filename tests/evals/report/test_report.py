@@ -23,7 +23,7 @@ FIGURES = ("unlearning_pareto", "crossval", "bounds_scatter", "mask_density", "t
 def full_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp_path = tmp_path_factory.mktemp("report")
     crossval = crossval_output({
-        "adaptive": [0.5, 0.6, 0.55], "fixed": [0.2, 0.3, 0.25], "standard": [0.1, 0.15, 0.2],
+        "adaptive": [0.5, 0.6, 0.55], "fixed": [0.2, 0.35, 0.25], "standard": [0.1, 0.15, 0.2],
     })
     experiment = build_experiment(tmp_path, crossval=crossval)
     return run(ReportConfig(experiment_dir=str(experiment), dpi=40))
