@@ -124,8 +124,7 @@ class LMHead:
         if not mixed:
             block_hidden_ND = block_hidden_ND.float()
 
-        max_N = torch.full((n,), -torch.inf, dtype=torch.float32, device=device)
-        sum_N = torch.zeros(n, dtype=torch.float64, device=device)
+        lse_N = torch.full((n,), -torch.inf, dtype=torch.float64, device=device)
         top_values_NK = torch.empty(n, 0, dtype=torch.float32, device=device)
         top_ids_NK = torch.empty(n, 0, dtype=torch.long, device=device)
         for start in range(0, self.vocab_size, self.vocab_block):
@@ -135,11 +134,8 @@ class LMHead:
             bias_B = None if self.bias_V is None else self.bias_V[start : start + self.vocab_block]
             logits_NB = self._finish(block_hidden_ND @ weight_BD.T, bias_B)
 
-            # Running logsumexp: rescale the sum so far to the new maximum.
-            new_max_N = torch.maximum(max_N, logits_NB.max(dim=1).values)
-            sum_N = sum_N * torch.exp(max_N - new_max_N).double()
-            sum_N += torch.exp(logits_NB - new_max_N[:, None]).sum(dim=1, dtype=torch.float64)
-            max_N = new_max_N
+            # Each block's float32 logsumexp joins the running one in float64.
+            lse_N = torch.logaddexp(lse_N, torch.logsumexp(logits_NB, dim=1).double())
 
             if mixed:
                 k = min(self.exact_top_k, logits_NB.shape[1])
@@ -150,13 +146,16 @@ class LMHead:
                 top_values_NK, order_NK = values_NK.topk(keep, dim=1)
                 top_ids_NK = ids_NK.gather(1, order_NK)
 
-        if mixed:
-            # Swap the bfloat16 terms of the largest logits for their float32 values. The
-            # sum is float64, so removing terms that dominate it loses no precision.
-            exact_NK = self._top_logits(hidden_ND, top_ids_NK)
-            sum_N -= torch.exp(top_values_NK - max_N[:, None]).sum(dim=1, dtype=torch.float64)
-            sum_N += torch.exp((exact_NK - max_N[:, None]).double()).sum(dim=1)
-        return max_N.double() + torch.log(sum_N)
+        if not mixed:
+            return lse_N
+
+        # Swap the bfloat16 terms of the largest logits for their float32 values, as
+        # fractions of the total. These are float64, so removing terms that make up
+        # almost all of the total still leaves the rest accurate.
+        exact_NK = self._top_logits(hidden_ND, top_ids_NK).double()
+        approx_share_N = torch.exp(top_values_NK.double() - lse_N[:, None]).sum(dim=1)
+        exact_share_N = torch.exp(exact_NK - lse_N[:, None]).sum(dim=1)
+        return lse_N + torch.log1p(exact_share_N - approx_share_N)
 
     def target_log_probs(
         self, hidden_ND: torch.Tensor, targets_N: torch.Tensor, *, chunk_size: int = 512
