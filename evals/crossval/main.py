@@ -1146,7 +1146,7 @@ def run(cfg: CrossvalConfig) -> Path:
         else:
             shown = f"{score.mean:.4f} ± {score.std:.4f}"
         logger.info(
-            "variant %s: unlearning_score %s, counted in %d of %d folds",
+            "variant %s: unlearning_score %s from %d of %d folds",
             variant,
             shown,
             score.n_folds,
