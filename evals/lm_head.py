@@ -150,8 +150,8 @@ class LMHead:
             return lse_N
 
         # Swap the bfloat16 terms of the largest logits for their float32 values, as
-        # fractions of the total. These are float64, so removing terms that make up
-        # almost all of the total still leaves the rest accurate.
+        # float64 fractions of the total. The result keeps the total's float32
+        # accuracy even when those terms make up almost all of it.
         exact_NK = self._top_logits(hidden_ND, top_ids_NK).double()
         approx_share_N = torch.exp(top_values_NK.double() - lse_N[:, None]).sum(dim=1)
         exact_share_N = torch.exp(exact_NK - lse_N[:, None]).sum(dim=1)
