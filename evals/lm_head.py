@@ -102,19 +102,32 @@ class LMHead:
 
     def logits_at(self, hidden_ND: torch.Tensor, token_ids_N: torch.Tensor) -> torch.Tensor:
         """Return the float32 logit of ``token_ids_N[n]`` at hidden state ``hidden_ND[n]``."""
-        rows_ND = self.weight_VD[token_ids_N].float()
-        logits_N = (hidden_ND.float() * rows_ND).sum(-1)
-        bias_N = None if self.bias_V is None else self.bias_V[token_ids_N]
-        return self._finish(logits_N, bias_N)
+        return self._exact_logits(hidden_ND, token_ids_N[:, None])[:, 0]
 
-    def _top_logits(self, hidden_ND: torch.Tensor, token_ids_NK: torch.Tensor) -> torch.Tensor:
+    def _exact_logits(self, hidden_ND: torch.Tensor, token_ids_NK: torch.Tensor) -> torch.Tensor:
+        """Return the float32 logits of ``token_ids_NK[n]`` at hidden state ``hidden_ND[n]``."""
         rows_NKD = self.weight_VD[token_ids_NK].float()
         logits_NK = torch.einsum("nd,nkd->nk", hidden_ND.float(), rows_NKD)
         bias_NK = None if self.bias_V is None else self.bias_V[token_ids_NK]
         return self._finish(logits_NK, bias_NK)
 
-    def logsumexp(self, hidden_ND: torch.Tensor) -> torch.Tensor:
-        """Return the logsumexp of the logits over the whole vocabulary, per position (float64)."""
+    def logsumexp(self, hidden_ND: torch.Tensor, *, chunk_size: int = 512) -> torch.Tensor:
+        """Return the logsumexp of the logits over the whole vocabulary, per position (float64).
+
+        Each pass over the vocabulary takes ``chunk_size`` positions, which bounds memory
+        at about three ``chunk_size x vocab_block`` float32 arrays.
+        """
+        if hidden_ND.shape[0] <= chunk_size:
+            return self._logsumexp_pass(hidden_ND)
+        return torch.cat(
+            [
+                self._logsumexp_pass(hidden_ND[start : start + chunk_size])
+                for start in range(0, hidden_ND.shape[0], chunk_size)
+            ]
+        )
+
+    def _logsumexp_pass(self, hidden_ND: torch.Tensor) -> torch.Tensor:
+        """Return the logsumexp per position from one pass over the vocabulary blocks."""
         n = hidden_ND.shape[0]
         device = hidden_ND.device
         if n == 0:
@@ -152,7 +165,7 @@ class LMHead:
         # Swap the bfloat16 terms of the largest logits for their float32 values, as
         # float64 fractions of the total. The result keeps the total's float32
         # accuracy even when those terms make up almost all of it.
-        exact_NK = self._top_logits(hidden_ND, top_ids_NK).double()
+        exact_NK = self._exact_logits(hidden_ND, top_ids_NK).double()
         approx_share_N = torch.exp(top_values_NK.double() - lse_N[:, None]).sum(dim=1)
         exact_share_N = torch.exp(exact_NK - lse_N[:, None]).sum(dim=1)
         return lse_N + torch.log1p(exact_share_N - approx_share_N)
@@ -160,12 +173,6 @@ class LMHead:
     def target_log_probs(
         self, hidden_ND: torch.Tensor, targets_N: torch.Tensor, *, chunk_size: int = 512
     ) -> torch.Tensor:
-        """Return ``log p(targets_N[n])`` at each hidden state (float64), ``chunk_size`` positions per block pass."""
-        pieces = []
-        for start in range(0, hidden_ND.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
-            lse_N = self.logsumexp(hidden_ND[part])
-            pieces.append(self.logits_at(hidden_ND[part], targets_N[part]).double() - lse_N)
-        if not pieces:
-            return torch.zeros(0, dtype=torch.float64, device=hidden_ND.device)
-        return torch.cat(pieces)
+        """Return ``log p(targets_N[n])`` at each hidden state (float64)."""
+        lse_N = self.logsumexp(hidden_ND, chunk_size=chunk_size)
+        return self.logits_at(hidden_ND, targets_N).double() - lse_N

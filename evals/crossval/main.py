@@ -1139,16 +1139,16 @@ def run(cfg: CrossvalConfig) -> Path:
     for variant, summary in summaries.items():
         score = summary.unlearning_score
         if score.mean is None:
-            shown = "n/a"
+            score_text = "n/a"
         elif score.std is None:
-            # One counted fold has no spread to show.
-            shown = f"{score.mean:.4f} (one fold)"
+            # One fold with a score has no spread to show.
+            score_text = f"{score.mean:.4f} (one fold)"
         else:
-            shown = f"{score.mean:.4f} ± {score.std:.4f}"
+            score_text = f"{score.mean:.4f} ± {score.std:.4f}"
         logger.info(
             "variant %s: unlearning_score %s from %d of %d folds",
             variant,
-            shown,
+            score_text,
             score.n_folds,
             summary.n_folds,
         )

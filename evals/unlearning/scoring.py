@@ -392,12 +392,7 @@ class MultipleChoiceScorer:
         hidden_UD = hidden_BLD[
             torch.tensor(unique_rows, device=device), torch.tensor(unique_positions, device=device)
         ]
-        lse_U = torch.cat(
-            [
-                self.head.logsumexp(hidden_UD[start : start + self.logit_chunk_size])
-                for start in range(0, hidden_UD.shape[0], self.logit_chunk_size)
-            ]
-        )
+        lse_U = self.head.logsumexp(hidden_UD, chunk_size=self.logit_chunk_size)
         unique_N = torch.tensor(unique_of_scored, device=device)
         target_log_probs_N = (
             self.head.logits_at(hidden_UD[unique_N], torch.tensor(targets, device=device)).double()
@@ -416,12 +411,7 @@ class MultipleChoiceScorer:
         assert self.letter_token_ids is not None
         n = hidden_SD.shape[0]
         letter_ids_4 = torch.tensor(self.letter_token_ids, device=self.device)
-        lse_S = torch.cat(
-            [
-                self.head.logsumexp(hidden_SD[start : start + self.logit_chunk_size])
-                for start in range(0, n, self.logit_chunk_size)
-            ]
-        )
+        lse_S = self.head.logsumexp(hidden_SD, chunk_size=self.logit_chunk_size)
         logits_S4 = self.head.logits_at(
             hidden_SD.repeat_interleave(N_CHOICES, dim=0), letter_ids_4.repeat(n)
         ).reshape(n, N_CHOICES)

@@ -132,10 +132,17 @@ def test_lm_head_reads_each_shared_prefix_once() -> None:
     logsumexp_rows: list[int] = []
     target_rows: list[int] = []
     logsumexp, logits_at = scorer.head.logsumexp, scorer.head.logits_at
-    scorer.head.logsumexp = lambda hidden: logsumexp_rows.append(len(hidden)) or logsumexp(hidden)  # type: ignore[method-assign]
-    scorer.head.logits_at = lambda hidden, ids: (
-        target_rows.append(len(hidden)) or logits_at(hidden, ids)
-    )  # type: ignore[method-assign]
+
+    def counting_logsumexp(hidden, **kwargs):
+        logsumexp_rows.append(len(hidden))
+        return logsumexp(hidden, **kwargs)
+
+    def counting_logits_at(hidden, ids):
+        target_rows.append(len(hidden))
+        return logits_at(hidden, ids)
+
+    scorer.head.logsumexp = counting_logsumexp  # type: ignore[method-assign]
+    scorer.head.logits_at = counting_logits_at  # type: ignore[method-assign]
 
     scorer.score(prepared)
 
