@@ -635,6 +635,7 @@ def build_setup(job: FoldJob, inputs: EvalInputs) -> FoldSetup:
         batch_size=unlearning.mcq_batch_size,
         logit_chunk_size=unlearning.logit_chunk_size,
         logit_precision=unlearning.logit_precision,
+        prompt_cache=unlearning.prompt_cache,
     )
     mmlu_known = {
         subject: find_known_set(

@@ -369,6 +369,7 @@ def prepare_state(
         batch_size=cfg.mcq_batch_size,
         logit_chunk_size=cfg.logit_chunk_size,
         logit_precision=cfg.logit_precision,
+        prompt_cache=cfg.prompt_cache,
     )
 
     known = {}

@@ -20,10 +20,21 @@ log-softmax over Gemma 3's 262,144-token vocabulary would cost gigabytes. In clo
 the four sequences of a question share the prompt, so a position whose tokens up to it
 are the same in several sequences (at least the prompt's last position) gets one
 logsumexp.
+
+Cloze mode also runs each prompt through the model once (``prompt_cache=True``, the
+default). A first pass reads the prompts, padded on the left so that they all end in
+the last column. A second pass reads the four choices of each question on top of the
+prompt's key-value cache, with position ids that continue the prompt's. On WMDP-bio
+this halves the tokens the model reads, because prompts are longer than choices. An
+intervention that acts on each token's residual, as the clamp does, changes the cached
+prompt states exactly as it would in a full pass. So both paths give the same scores
+up to rounding; the tests check this on Llama and on Gemma 3 (with a sliding window
+shorter than the prompts), with and without the clamp.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -143,6 +154,34 @@ class PaddedBatch:
     attention_mask_BL: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PromptCacheBatch:
+    """One cloze forward: a pass over the prompts, then one over the choices on their cache.
+
+    Attributes:
+        question_indices: Positions of the batch's questions in the list given to `score`.
+        items: Those questions.
+        prompt_ids_QP: Each question's prompt, padded on the left, so that every prompt
+            ends in the last column.
+        prompt_mask_QP: 1 on prompt tokens, 0 on padding.
+        prompt_positions_QP: Position ids counted from each prompt's first token (0 on padding).
+        choice_ids_SC: Per sequence (question-major, four per question), its choice's
+            tokens but the last, padded on the right. ``C`` is 0 when every choice is one
+            token long; then only the prompt pass runs.
+        attention_mask_SK: The choice pass's mask over the cached prompt columns and its own.
+        choice_positions_SC: Position ids that continue each prompt's.
+    """
+
+    question_indices: list[int]
+    items: list[PreparedQuestion]
+    prompt_ids_QP: torch.Tensor
+    prompt_mask_QP: torch.Tensor
+    prompt_positions_QP: torch.Tensor
+    choice_ids_SC: torch.Tensor
+    attention_mask_SK: torch.Tensor
+    choice_positions_SC: torch.Tensor
+
+
 class MultipleChoiceScorer:
     """Score four-choice questions with a causal LM, running the LM head only on scored positions.
 
@@ -157,6 +196,9 @@ class MultipleChoiceScorer:
         logit_precision: ``mixed`` (bfloat16 logsumexp with the largest logits and the
             targets in float32) or ``float32``; see `evals.lm_head`.
         vocab_block: Vocabulary rows per block of the LM head.
+        prompt_cache: Cloze mode only: run each prompt once and its choices on the
+            prompt's key-value cache (see the module docstring). ``False`` runs the four
+            full sequences, for models without a key-value cache that can be repeated.
     """
 
     def __init__(
@@ -169,6 +211,7 @@ class MultipleChoiceScorer:
         logit_chunk_size: int = 512,
         logit_precision: LogitPrecision = "mixed",
         vocab_block: int = 16_384,
+        prompt_cache: bool = True,
     ) -> None:
         if mode not in SCORING_MODES:
             raise ScoringError(f"invalid scoring mode {mode!r}: choose 'cloze' or 'letter'")
@@ -181,6 +224,7 @@ class MultipleChoiceScorer:
         self.mode = mode
         self.batch_size = batch_size
         self.logit_chunk_size = logit_chunk_size
+        self.prompt_cache = prompt_cache and mode == "cloze"
         self.head = LMHead(model, logit_precision, vocab_block=vocab_block)
         self.decoder = model.get_decoder()
         if self.decoder is model:
@@ -188,6 +232,9 @@ class MultipleChoiceScorer:
                 f"{type(model).__name__}.get_decoder() returns the model itself, so the LM head cannot be "
                 "applied to the scored positions alone; use a causal LM whose base model is separate from its head"
             )
+        # transformers 5.25 calls the decoder's past_key_values argument cache and deprecates the old name.
+        parameters = inspect.signature(self.decoder.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.bos_token_id = tokenizer.bos_token_id
         pad_id = tokenizer.pad_token_id
         if pad_id is None:
@@ -268,8 +315,8 @@ class MultipleChoiceScorer:
         """Score prepared questions under whatever interventions are active on the model."""
         n_questions = len(prepared)
         per_sequence: list[np.ndarray | None] = [None] * n_questions
-        for batch in self.padded_batches(prepared):
-            results = self._score_batch(batch)
+        for batch in self.batches(prepared):
+            results = self._score_hidden(batch, self.hidden_states(batch))
             for index, result in zip(batch.question_indices, results, strict=True):
                 per_sequence[index] = result
 
@@ -282,8 +329,23 @@ class MultipleChoiceScorer:
             scores_Q4[index], correct_Q[index], margin_Q[index] = self._reduce(item, item_scores)
         return QuestionScores(scores_Q4=scores_Q4, correct_Q=correct_Q, margin_Q=margin_Q)
 
+    def batches(
+        self, prepared: Sequence[PreparedQuestion]
+    ) -> Iterator[PaddedBatch | PromptCacheBatch]:
+        """Yield the model inputs that `score` runs: prompt-cache batches or padded full sequences."""
+        if self.prompt_cache:
+            for indices in self._group(prepared):
+                yield self._prompt_cache_batch(prepared, indices)
+        else:
+            yield from self.padded_batches(prepared)
+
     def padded_batches(self, prepared: Sequence[PreparedQuestion]) -> Iterator[PaddedBatch]:
-        """Yield the right-padded model inputs that `score` runs, whole questions per batch.
+        """Yield every sequence in full, padded on the right, whole questions per batch."""
+        for indices in self._group(prepared):
+            yield self._pad(prepared, indices)
+
+    def _group(self, prepared: Sequence[PreparedQuestion]) -> Iterator[list[int]]:
+        """Yield question indices per batch, at most ``batch_size`` sequences each.
 
         Questions are sorted by token count first, so that a batch contains questions of
         similar length and little padding.
@@ -294,28 +356,185 @@ class MultipleChoiceScorer:
         for index in order:
             size = len(prepared[index].sequences)
             if current and n_sequences + size > self.batch_size:
-                yield self._pad(prepared, current)
+                yield current
                 current, n_sequences = [], 0
             current.append(index)
             n_sequences += size
         if current:
-            yield self._pad(prepared, current)
+            yield current
 
     def _pad(self, prepared: Sequence[PreparedQuestion], indices: list[int]) -> PaddedBatch:
         items = [prepared[index] for index in indices]
         sequences = [sequence for item in items for sequence in item.sequences]
-        max_length = max(len(sequence) for sequence in sequences)
-        input_ids_BL = torch.full((len(sequences), max_length), self.pad_token_id, dtype=torch.long)
-        attention_mask_BL = torch.zeros((len(sequences), max_length), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids_BL[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-            attention_mask_BL[row, : len(sequence)] = 1
+        input_ids_BL, attention_mask_BL = self._pad_right(sequences)
         return PaddedBatch(
             question_indices=indices,
             items=items,
             input_ids_BL=input_ids_BL.to(self.device),
             attention_mask_BL=attention_mask_BL.to(self.device),
         )
+
+    def _pad_right(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the token ids and attention mask of ``sequences`` padded on the right."""
+        max_length = max(len(sequence) for sequence in sequences)
+        input_ids_BL = torch.full((len(sequences), max_length), self.pad_token_id, dtype=torch.long)
+        attention_mask_BL = torch.zeros((len(sequences), max_length), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            input_ids_BL[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask_BL[row, : len(sequence)] = 1
+        return input_ids_BL, attention_mask_BL
+
+    def _prompt_cache_batch(
+        self, prepared: Sequence[PreparedQuestion], indices: list[int]
+    ) -> PromptCacheBatch:
+        items = [prepared[index] for index in indices]
+        prompts = [item.sequences[0][: item.score_starts[0] + 1] for item in items]
+        prompt_length = max(len(prompt) for prompt in prompts)
+        prompt_ids_QP = torch.full((len(items), prompt_length), self.pad_token_id, dtype=torch.long)
+        prompt_mask_QP = torch.zeros((len(items), prompt_length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            prompt_ids_QP[row, prompt_length - len(prompt) :] = torch.tensor(
+                prompt, dtype=torch.long
+            )
+            prompt_mask_QP[row, prompt_length - len(prompt) :] = 1
+        prompt_positions_QP = (prompt_mask_QP.cumsum(dim=1) - 1).clamp(min=0)
+
+        # The last choice token is only a target: no position reads it.
+        choices = [
+            sequence[start + 1 : -1]
+            for item in items
+            for sequence, start in zip(item.sequences, item.score_starts, strict=True)
+        ]
+        choice_ids_SC, choice_mask_SC = self._pad_right(choices)
+        choice_length = choice_ids_SC.shape[1]
+        prompt_mask_SP = prompt_mask_QP.repeat_interleave(N_CHOICES, dim=0)
+        lengths_S = torch.tensor([len(prompt) for prompt in prompts]).repeat_interleave(N_CHOICES)
+        device = self.device
+        return PromptCacheBatch(
+            question_indices=indices,
+            items=items,
+            prompt_ids_QP=prompt_ids_QP.to(device),
+            prompt_mask_QP=prompt_mask_QP.to(device),
+            prompt_positions_QP=prompt_positions_QP.to(device),
+            choice_ids_SC=choice_ids_SC.to(device),
+            attention_mask_SK=torch.cat([prompt_mask_SP, choice_mask_SC], dim=1).to(device),
+            choice_positions_SC=(lengths_S[:, None] + torch.arange(choice_length)).to(device),
+        )
+
+    @torch.no_grad()
+    def hidden_states(self, batch: PaddedBatch | PromptCacheBatch) -> torch.Tensor:
+        """Run the model's forward passes for one batch and return the final hidden states the head reads.
+
+        A `PaddedBatch` gives ``[sequences, length, d_model]``. A `PromptCacheBatch` gives
+        ``[sequences, 1 + C, d_model]``: column 0 holds the prompt's last position, and
+        column ``c`` the choice's token ``c - 1``.
+        """
+        if isinstance(batch, PaddedBatch):
+            return self.decoder(
+                input_ids=batch.input_ids_BL,
+                attention_mask=batch.attention_mask_BL,
+                use_cache=False,
+            ).last_hidden_state
+
+        prompt = self.decoder(
+            input_ids=batch.prompt_ids_QP,
+            attention_mask=batch.prompt_mask_QP,
+            position_ids=batch.prompt_positions_QP,
+            use_cache=True,
+        )
+        last_S1D = prompt.last_hidden_state[:, -1:].repeat_interleave(N_CHOICES, dim=0)
+        if batch.choice_ids_SC.shape[1] == 0:
+            return last_S1D
+        cache = getattr(prompt, "cache", None)
+        if cache is None:
+            cache = getattr(prompt, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            raise ScoringError(
+                f"{type(self.decoder).__name__} returned no key-value cache that can be repeated per choice "
+                f"({type(cache).__name__}); score with prompt_cache=False (prompt_cache = false in the eval config)"
+            )
+        cache.batch_repeat_interleave(N_CHOICES)
+        choices = self.decoder(
+            input_ids=batch.choice_ids_SC,
+            attention_mask=batch.attention_mask_SK,
+            position_ids=batch.choice_positions_SC,
+            use_cache=True,
+            **{self._cache_argument: cache},
+        )
+        return torch.cat([last_S1D, choices.last_hidden_state], dim=1)
+
+    def _score_hidden(
+        self, batch: PaddedBatch | PromptCacheBatch, hidden_SLD: torch.Tensor
+    ) -> list[np.ndarray]:
+        """Return per question ``[4]`` mean log-likelihoods (cloze) or ``[orders, 4]`` letter log-probs."""
+        items = batch.items
+        if self.mode == "cloze":
+            # Column 0 of a prompt-cache batch is each sequence's first scored position.
+            return self._score_cloze(
+                items, hidden_SLD, from_score_start=isinstance(batch, PromptCacheBatch)
+            )
+
+        # Letter mode scores the last position of each sequence, so row s is sequence s.
+        assert self.letter_token_ids is not None
+        rows_S = torch.arange(hidden_SLD.shape[0], device=self.device)
+        last_S = torch.tensor(
+            [start for item in items for start in item.score_starts], device=self.device
+        )
+        hidden_SD = hidden_SLD[rows_S, last_S]
+        log_probs_S4 = self._letter_log_probs(hidden_SD).cpu().numpy()
+        results = []
+        offset = 0
+        for item in items:
+            count = len(item.sequences)
+            results.append(log_probs_S4[offset : offset + count])
+            offset += count
+        return results
+
+    def _score_cloze(
+        self, items: list[PreparedQuestion], hidden_SLD: torch.Tensor, *, from_score_start: bool
+    ) -> list[np.ndarray]:
+        # Every scored (row, position) points at one unique prefix: the first row of the
+        # same question whose tokens up to that position are the same. Causal attention
+        # makes their hidden states equal, so one logsumexp serves them all.
+        unique_rows: list[int] = []
+        unique_columns: list[int] = []
+        unique_of_scored: list[int] = []
+        scored_rows: list[int] = []
+        targets: list[int] = []
+        row = 0
+        for item in items:
+            prefix_ids: dict[tuple[int, ...], int] = {}
+            for sequence, start in zip(item.sequences, item.score_starts, strict=True):
+                first_column = start if from_score_start else 0
+                for position in range(start, len(sequence) - 1):
+                    prefix = sequence[: position + 1]
+                    if prefix not in prefix_ids:
+                        prefix_ids[prefix] = len(unique_rows)
+                        unique_rows.append(row)
+                        unique_columns.append(position - first_column)
+                    unique_of_scored.append(prefix_ids[prefix])
+                    scored_rows.append(row)
+                    targets.append(sequence[position + 1])
+                row += 1
+
+        device = self.device
+        hidden_UD = hidden_SLD[
+            torch.tensor(unique_rows, device=device), torch.tensor(unique_columns, device=device)
+        ]
+        lse_U = self.head.logsumexp(hidden_UD, chunk_size=self.logit_chunk_size)
+        unique_N = torch.tensor(unique_of_scored, device=device)
+        target_log_probs_N = (
+            self.head.logits_at(hidden_UD[unique_N], torch.tensor(targets, device=device)).double()
+            - lse_U[unique_N]
+        )
+
+        n_sequences = row
+        rows_N = torch.tensor(scored_rows, device=device)
+        sums_S = torch.zeros(n_sequences, dtype=torch.float64, device=device)
+        sums_S.index_add_(0, rows_N, target_log_probs_N)
+        counts_S = torch.bincount(rows_N, minlength=n_sequences).double()
+        means_Q4 = (sums_S / counts_S).cpu().numpy().reshape(len(items), N_CHOICES)
+        return [means_Q4[index] for index in range(len(items))]
 
     def _reduce(self, item: PreparedQuestion, result: np.ndarray) -> tuple[np.ndarray, bool, float]:
         answer = item.question.answer
@@ -336,76 +555,6 @@ class MultipleChoiceScorer:
             correct_all &= correct
             margin_min = min(margin_min, margin)
         return scores_4, correct_all, margin_min
-
-    def _score_batch(self, batch: PaddedBatch) -> list[np.ndarray]:
-        """Return per question ``[4]`` mean log-likelihoods (cloze) or ``[orders, 4]`` letter log-probs."""
-        items = batch.items
-        hidden_BLD = self.decoder(
-            input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL, use_cache=False
-        ).last_hidden_state
-        if self.mode == "cloze":
-            return self._score_cloze(items, hidden_BLD)
-
-        # Letter mode scores the last position of each sequence, so row s is sequence s.
-        assert self.letter_token_ids is not None
-        rows_S = torch.arange(hidden_BLD.shape[0], device=self.device)
-        last_S = torch.tensor(
-            [start for item in items for start in item.score_starts], device=self.device
-        )
-        hidden_SD = hidden_BLD[rows_S, last_S]
-        log_probs_S4 = self._letter_log_probs(hidden_SD).cpu().numpy()
-        results = []
-        offset = 0
-        for item in items:
-            count = len(item.sequences)
-            results.append(log_probs_S4[offset : offset + count])
-            offset += count
-        return results
-
-    def _score_cloze(
-        self, items: list[PreparedQuestion], hidden_BLD: torch.Tensor
-    ) -> list[np.ndarray]:
-        # Every scored (row, position) points at one unique prefix: the first row of the
-        # same question whose tokens up to that position are the same. Causal attention
-        # makes their hidden states equal, so one logsumexp serves them all.
-        unique_rows: list[int] = []
-        unique_positions: list[int] = []
-        unique_of_scored: list[int] = []
-        scored_rows: list[int] = []
-        targets: list[int] = []
-        row = 0
-        for item in items:
-            prefix_ids: dict[tuple[int, ...], int] = {}
-            for sequence, start in zip(item.sequences, item.score_starts, strict=True):
-                for position in range(start, len(sequence) - 1):
-                    prefix = sequence[: position + 1]
-                    if prefix not in prefix_ids:
-                        prefix_ids[prefix] = len(unique_rows)
-                        unique_rows.append(row)
-                        unique_positions.append(position)
-                    unique_of_scored.append(prefix_ids[prefix])
-                    scored_rows.append(row)
-                    targets.append(sequence[position + 1])
-                row += 1
-
-        device = self.device
-        hidden_UD = hidden_BLD[
-            torch.tensor(unique_rows, device=device), torch.tensor(unique_positions, device=device)
-        ]
-        lse_U = self.head.logsumexp(hidden_UD, chunk_size=self.logit_chunk_size)
-        unique_N = torch.tensor(unique_of_scored, device=device)
-        target_log_probs_N = (
-            self.head.logits_at(hidden_UD[unique_N], torch.tensor(targets, device=device)).double()
-            - lse_U[unique_N]
-        )
-
-        n_sequences = row
-        rows_N = torch.tensor(scored_rows, device=device)
-        sums_S = torch.zeros(n_sequences, dtype=torch.float64, device=device)
-        sums_S.index_add_(0, rows_N, target_log_probs_N)
-        counts_S = torch.bincount(rows_N, minlength=n_sequences).double()
-        means_Q4 = (sums_S / counts_S).cpu().numpy().reshape(len(items), N_CHOICES)
-        return [means_Q4[index] for index in range(len(items))]
 
     def _letter_log_probs(self, hidden_SD: torch.Tensor) -> torch.Tensor:
         assert self.letter_token_ids is not None

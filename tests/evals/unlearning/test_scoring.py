@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from evals.common import wilson_interval
+from evals.unlearning.intervention import clamp_latents
 from evals.unlearning.scoring import (
     PERMUTATIONS,
     MultipleChoiceScorer,
@@ -17,11 +19,17 @@ from evals.unlearning.scoring import (
 from pipeline.data import MCQuestion
 from tests.evals.unlearning.conftest import (
     BOS_ID,
+    EOS_ID,
+    FORGET_DIMS,
     FORGET_WORDS,
+    LAYER,
+    PAD_ID,
     RETAIN_WORDS,
+    UNK_ID,
     build_model,
     build_tokenizer,
     choice_log_likelihood,
+    identity_sae,
     make_questions,
 )
 
@@ -55,10 +63,13 @@ def mixed_length_questions() -> list[MCQuestion]:
     return questions
 
 
-def test_cloze_matches_full_forward(family_model: torch.nn.Module) -> None:
+@pytest.mark.parametrize("prompt_cache", [True, False])
+def test_cloze_matches_full_forward(family_model: torch.nn.Module, prompt_cache: bool) -> None:
     tokenizer = build_tokenizer()
     questions = mixed_length_questions()
-    scorer = MultipleChoiceScorer(family_model, tokenizer, "cloze", batch_size=8)
+    scorer = MultipleChoiceScorer(
+        family_model, tokenizer, "cloze", batch_size=8, prompt_cache=prompt_cache
+    )
     scores = scorer.score(scorer.prepare(questions))
 
     for index, question in enumerate(questions):
@@ -162,6 +173,104 @@ def test_lm_head_reads_each_shared_prefix_once() -> None:
     assert sum(target_rows) == 3 * 4 * 3
     assert sum(logsumexp_rows) == distinct_prefixes
     assert distinct_prefixes <= 3 * (1 + 4 * 2)
+
+
+def long_prompt_questions(choice_words: int | None = None) -> list[MCQuestion]:
+    """Questions whose prompts are longer than the tiny Gemma 3's sliding window of 8 tokens."""
+    generator = np.random.default_rng(5)
+    questions = []
+    for index in range(6):
+        words = FORGET_WORDS if index % 2 else RETAIN_WORDS
+        question = " ".join(generator.choice(words, size=9 + 3 * index))
+        sizes = [choice_words or 1 + (index + k) % 4 for k in range(4)]
+        choices = [" ".join(generator.choice(words, size=size)) for size in sizes]
+        questions.append(
+            MCQuestion(
+                doc_id=f"long:{index}", question=question, choices=choices, answer=0, subject="t"
+            )
+        )
+    return questions
+
+
+def hand_scores(model, tokenizer, questions: list[MCQuestion]) -> np.ndarray:
+    return np.array(
+        [
+            [
+                choice_log_likelihood(
+                    model,
+                    [BOS_ID, *encode(tokenizer, cloze_prompt(question))],
+                    encode(tokenizer, f" {choice}"),
+                )
+                for choice in question.choices
+            ]
+            for question in questions
+        ]
+    )
+
+
+def test_prompt_cache_under_clamp_matches_full_forward(family_model: torch.nn.Module) -> None:
+    # The clamp changes the cached prompt states; both paths must see the same change.
+    # Latents 0..3 of the identity SAE fire on forget tokens, so forget questions move.
+    tokenizer = build_tokenizer()
+    questions = long_prompt_questions()
+    sae = identity_sae(norm_scale=1.0)
+    cached = MultipleChoiceScorer(family_model, tokenizer, "cloze", batch_size=12)
+    full = MultipleChoiceScorer(family_model, tokenizer, "cloze", batch_size=12, prompt_cache=False)
+    prepared = cached.prepare(questions)
+    unclamped_Q4 = cached.score(prepared).scores_Q4
+
+    with clamp_latents(
+        family_model,
+        LAYER,
+        sae,
+        range(FORGET_DIMS),
+        20.0,
+        norm_scale=1.0,
+        special_token_ids=[PAD_ID, BOS_ID, EOS_ID, UNK_ID],
+    ):
+        cached_Q4 = cached.score(prepared).scores_Q4
+        full_Q4 = full.score(prepared).scores_Q4
+        expected_Q4 = hand_scores(family_model, tokenizer, questions)
+
+    np.testing.assert_allclose(cached_Q4, expected_Q4, atol=1e-4)
+    np.testing.assert_allclose(full_Q4, expected_Q4, atol=1e-4)
+    assert np.abs(cached_Q4 - unclamped_Q4)[1::2].max() > 0.1
+
+
+def test_one_token_choices_need_only_the_prompt_pass(family_model: torch.nn.Module) -> None:
+    tokenizer = build_tokenizer()
+    questions = long_prompt_questions(choice_words=1)
+    scorer = MultipleChoiceScorer(family_model, tokenizer, "cloze", batch_size=64)
+    calls: list[tuple[int, ...]] = []
+    handle = scorer.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    try:
+        scores_Q4 = scorer.score(scorer.prepare(questions)).scores_Q4
+    finally:
+        handle.remove()
+
+    assert calls == [(len(questions), max(len(q.question.split()) for q in questions) + 3)]
+    np.testing.assert_allclose(
+        scores_Q4, hand_scores(family_model, tokenizer, questions), atol=1e-4
+    )
+
+
+def test_prompt_cache_without_cache_names_the_fix() -> None:
+    model = build_model("llama")
+    scorer = MultipleChoiceScorer(model, build_tokenizer(), "cloze")
+    decoder = scorer.decoder
+
+    def forward_without_cache(**kwargs):
+        kwargs.pop("use_cache", None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=decoder(**kwargs, use_cache=False).last_hidden_state
+        )
+
+    scorer.decoder = forward_without_cache  # type: ignore[assignment]
+    with pytest.raises(ScoringError, match="prompt_cache=False"):
+        scorer.score(scorer.prepare(long_prompt_questions()))
 
 
 def test_empty_choice_rejected() -> None:
