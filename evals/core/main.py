@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ from pipeline.models import load_model, resolve_device, splice_residual
 from stores.activations import ActivationStore
 from trainer.export import load_any_sae
 from trainer.saes import BaseSAE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +243,7 @@ def sample_heldout_contexts(store: ActivationStore, n_contexts: int, seed: int) 
 
 def final_hidden_states(model: torch.nn.Module, input_ids_BL: torch.Tensor) -> torch.Tensor:
     """Run the model without its LM head and return the hidden state the head reads (after the final norm)."""
-    decoder = model.get_decoder()
+    decoder = cast("PreTrainedModel", model).get_decoder()
     if decoder is model:
         raise CoreEvalError(
             f"{type(model).__name__}.get_decoder() returns the model itself, so the LM head cannot be "
@@ -254,8 +257,9 @@ def final_hidden_states(model: torch.nn.Module, input_ids_BL: torch.Tensor) -> t
 
 def logits_from_hidden(model: torch.nn.Module, hidden_ND: torch.Tensor) -> torch.Tensor:
     """Apply the LM head (and the final logit soft-capping of Gemma-style models) to hidden states."""
-    logits_NV = model.get_output_embeddings()(hidden_ND)
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    causal_lm = cast("PreTrainedModel", model)
+    logits_NV = causal_lm.get_output_embeddings()(hidden_ND)
+    softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
     if softcap:
         logits_NV = torch.tanh(logits_NV / softcap) * softcap
     return logits_NV.float()
@@ -436,15 +440,25 @@ def build_feature_details(
         tensor = weights[name]
         return None if tensor is None else float(tensor[index])
 
+    def required(name: str) -> torch.Tensor:
+        tensor = weights[name]
+        if tensor is None:
+            raise CoreEvalError(f"weight statistic {name} is missing")
+        return tensor
+
+    encoder_bias_F = required("encoder_bias_F")
+    encoder_norm_F = required("encoder_norm_F")
+    cosine_sim_F = required("encoder_decoder_cosine_sim_F")
+
     details = []
     for index in range(len(reconstruction.firing_frequency_F)):
         details.append(
             CoreFeatureMetric(
                 index=index,
                 feature_density=float(reconstruction.firing_frequency_F[index]),
-                encoder_bias=float(weights["encoder_bias_F"][index]),
-                encoder_norm=float(weights["encoder_norm_F"][index]),
-                encoder_decoder_cosine_sim=float(weights["encoder_decoder_cosine_sim_F"][index]),
+                encoder_bias=float(encoder_bias_F[index]),
+                encoder_norm=float(encoder_norm_F[index]),
+                encoder_decoder_cosine_sim=float(cosine_sim_F[index]),
                 max_encoder_cosine_sim=value_at("max_encoder_cosine_sim_F", index),
                 max_decoder_cosine_sim=value_at("max_decoder_cosine_sim_F", index),
             )

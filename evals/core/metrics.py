@@ -117,7 +117,7 @@ class CoreMetricAccumulator:
         x_hat_BD = x_hat_BD.detach().to(torch.float64)
         f_BF = f_BF.detach()
 
-        if self._shift_D is None:
+        if self._shift_D is None or self._sum_centered_D is None:
             self._shift_D = x_BD.mean(dim=0)
             self._sum_centered_D = torch.zeros_like(self._shift_D)
         shift_D = self._shift_D.to(x_BD.device)
