@@ -28,8 +28,8 @@ prompt's key-value cache, with position ids that continue the prompt's. On WMDP-
 this halves the tokens the model reads, because prompts are longer than choices. An
 intervention that acts on each token's residual, as the clamp does, changes the cached
 prompt states exactly as it would in a full pass. So both paths give the same scores
-up to rounding; the tests check this on Llama and on Gemma 3 (with a sliding window
-shorter than the prompts), with and without the clamp.
+up to rounding. The tests check this on Llama and Gemma 3, with and without the clamp,
+and on Gemma 2, Mistral and Qwen2, with sliding windows shorter than the prompts.
 """
 
 from __future__ import annotations

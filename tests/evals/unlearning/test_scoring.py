@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from evals.common import wilson_interval
@@ -26,6 +34,7 @@ from tests.evals.unlearning.conftest import (
     PAD_ID,
     RETAIN_WORDS,
     UNK_ID,
+    VOCAB,
     build_model,
     build_tokenizer,
     choice_log_likelihood,
@@ -208,7 +217,7 @@ def hand_scores(model, tokenizer, questions: list[MCQuestion]) -> np.ndarray:
     )
 
 
-def test_prompt_cache_under_clamp_matches_full_forward(family_model: torch.nn.Module) -> None:
+def test_prompt_cache_under_clamp(family_model: torch.nn.Module) -> None:
     # The clamp changes the cached prompt states; both paths must see the same change.
     # Latents 0..3 of the identity SAE fire on forget tokens, so forget questions move.
     tokenizer = build_tokenizer()
@@ -237,7 +246,45 @@ def test_prompt_cache_under_clamp_matches_full_forward(family_model: torch.nn.Mo
     assert np.abs(cached_Q4 - unclamped_Q4)[1::2].max() > 0.1
 
 
-def test_one_token_choices_need_only_the_prompt_pass(family_model: torch.nn.Module) -> None:
+def build_other_family(family: str) -> torch.nn.Module:
+    """A random two-block model of another architecture, with a sliding window where it has one."""
+    shared = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    torch.manual_seed(0)
+    if family == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**shared, head_dim=8, sliding_window=8))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**shared, sliding_window=8))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**shared))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral", "qwen2"])
+def test_prompt_cache_other_families(family: str) -> None:
+    model = build_other_family(family)
+    tokenizer = build_tokenizer()
+    questions = long_prompt_questions()
+    scorer = MultipleChoiceScorer(
+        model, tokenizer, "cloze", batch_size=12, logit_precision="float32"
+    )
+
+    scores_Q4 = scorer.score(scorer.prepare(questions)).scores_Q4
+
+    np.testing.assert_allclose(scores_Q4, hand_scores(model, tokenizer, questions), atol=1e-5)
+
+
+def test_one_token_choices_skip_choice_pass(family_model: torch.nn.Module) -> None:
     tokenizer = build_tokenizer()
     questions = long_prompt_questions(choice_words=1)
     scorer = MultipleChoiceScorer(family_model, tokenizer, "cloze", batch_size=64)
@@ -257,7 +304,7 @@ def test_one_token_choices_need_only_the_prompt_pass(family_model: torch.nn.Modu
     )
 
 
-def test_prompt_cache_without_cache_names_the_fix() -> None:
+def test_missing_cache_names_fix() -> None:
     model = build_model("llama")
     scorer = MultipleChoiceScorer(model, build_tokenizer(), "cloze")
     decoder = scorer.decoder
