@@ -130,8 +130,9 @@ def build_eval_config(
 ) -> T:
     """Build an eval config; ``variant=``/``run_name=`` pick the run whose SAE is evaluated.
 
-    The model's dtype and device come from ``[model]``, and ``sae_path`` defaults to
-    ``<runs_dir>/<run_name>/sae`` of the ``[train]`` table. ``defaults`` (such as a
+    The model's dtype and device come from ``[model]``. ``sae_path`` defaults to
+    ``<runs_dir>/<run_name>/sae`` of the ``[train]`` table, unless the file's table sets
+    it; a run picked on the command line overrides the file. ``defaults`` (such as a
     preset) apply below the file's table and the overrides.
     """
     shared: dict[str, Any] = dict(defaults or {})
@@ -140,12 +141,22 @@ def build_eval_config(
     for key in ("dtype", "device"):
         if key in model and key in field_names:
             shared[key] = model[key]
-    if "sae_path" not in parse_overrides(overrides):
-        selectors = [item for item in overrides if item.split("=")[0] in RUN_SELECTORS]
+
+    # The SAE comes from, in order: sae_path on the command line, a run picked on the
+    # command line, sae_path in the file's table, the [train] table's run.
+    selectors = [item for item in overrides if item.split("=")[0] in RUN_SELECTORS]
+    file_table = get_table(load_toml(config_path), section) if config_path else {}
+    run_sae_path = None
+    if "sae_path" not in parse_overrides(overrides) and (selectors or "sae_path" not in file_table):
         train_cfg = build_train_config(config_path, selectors)
-        shared["sae_path"] = str(Path(train_cfg.runs_dir) / train_cfg.run_name / "sae")
+        run_sae_path = str(Path(train_cfg.runs_dir) / train_cfg.run_name / "sae")
+        shared["sae_path"] = run_sae_path
+
     eval_overrides = [item for item in overrides if item.split("=")[0] not in RUN_SELECTORS]
-    return load_stage_config(cls, section, config_path, eval_overrides, shared=shared)
+    cfg = load_stage_config(cls, section, config_path, eval_overrides, shared=shared)
+    if selectors and run_sae_path is not None:
+        cfg = dataclasses.replace(cfg, sae_path=run_sae_path)  # type: ignore[type-var]
+    return cfg
 
 
 def build_core_eval_config(config_path: Path | None, overrides: list[str]):

@@ -269,16 +269,25 @@ def _parse_mcq(
                 f"question in {location} has no field {name!r}; expected question, choices, answer"
             )
 
+    question = record["question"]
+    if not isinstance(question, str):
+        raise DataError(
+            f"question in {location} has question {question!r} of type {type(question).__name__}; "
+            "expected a string"
+        )
+
     choices = record["choices"]
-    if (
-        not isinstance(choices, list)
-        or len(choices) != N_CHOICES
-        or not all(isinstance(c, str) for c in choices)
-    ):
+    if not isinstance(choices, list) or len(choices) != N_CHOICES:
         count = len(choices) if isinstance(choices, list) else type(choices).__name__
         raise DataError(
             f"question in {location} has {count} choices; expected a list of exactly {N_CHOICES} strings"
         )
+    for index, choice in enumerate(choices):
+        if not isinstance(choice, str):
+            raise DataError(
+                f"question in {location} has choice {index} {choice!r} of type "
+                f"{type(choice).__name__}; expected a string"
+            )
 
     answer = record["answer"]
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < N_CHOICES:
@@ -289,7 +298,7 @@ def _parse_mcq(
     subject = record.get("subject") or default_subject
     return MCQuestion(
         doc_id=doc_id,
-        question=str(record["question"]),
+        question=question,
         choices=list(choices),
         answer=answer,
         subject=str(subject),

@@ -112,7 +112,8 @@ class UnlearningEvalConfig:
         prompt_cache: In cloze scoring, run each question's prompt once and its four
             choices on the prompt's key-value cache, which halves the tokens the model
             reads on WMDP-bio and gives the same scores up to rounding. ``false`` runs
-            the four full sequences, for models without a repeatable cache.
+            the four full sequences; a model whose cache cannot be repeated per choice
+            (hybrid state-space models) falls back to them with a warning.
         batch_size: Tokens per SAE forward pass when counting firing rates in the store.
         random_seed: Seed of the loss-context sample and of the control latents.
         plot: Also write the Pareto plot (PNG) beside the JSON.

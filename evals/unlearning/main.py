@@ -555,9 +555,14 @@ def honesty_warnings(
                 f"({cfg.scoring} scoring) includes chance ({CHANCE_ACCURACY}): {consequence}."
             )
         if summary.n_known == 0:
+            # Letter mode counts a question as known only if it is right under all 24
+            # orders of its choices, so its known set can be empty at a nonzero accuracy.
+            condition = f"with margin {cfg.known_margin}"
+            if cfg.scoring == "letter":
+                condition += " under all 24 orders of its choices"
             warnings.append(
-                f"{name}: the unmodified model ranks the correct choice first on none of its {summary.n_questions} questions "
-                f"with margin {cfg.known_margin}, so no accuracy can be measured on it; use more questions, a "
+                f"{name}: the unmodified model ranks the correct choice first {condition} on none of its "
+                f"{summary.n_questions} questions, so no accuracy can be measured on it; use more questions, a "
                 "larger model, or another scoring mode."
             )
         elif summary.known_too_small:

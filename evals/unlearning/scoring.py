@@ -40,7 +40,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -65,6 +65,10 @@ SUBJECT_DISPLAY_NAMES = {"wmdp-bio": "biology"}
 
 class ScoringError(ValueError):
     """A question or tokenizer that the scorer cannot handle."""
+
+
+class PromptCacheUnsupportedError(ScoringError):
+    """The model's key-value cache cannot be repeated per choice, so the prompt cache cannot run."""
 
 
 # Intervals
@@ -198,7 +202,8 @@ class MultipleChoiceScorer:
         vocab_block: Vocabulary rows per block of the LM head.
         prompt_cache: Cloze mode only: run each prompt once and its choices on the
             prompt's key-value cache (see the module docstring). ``False`` runs the four
-            full sequences, for models without a key-value cache that can be repeated.
+            full sequences. A model whose cache cannot be repeated per choice, such as a
+            hybrid state-space model, falls back to them with a warning.
     """
 
     def __init__(
@@ -236,11 +241,15 @@ class MultipleChoiceScorer:
         parameters = inspect.signature(self.decoder.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.bos_token_id = tokenizer.bos_token_id
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        # Padding sits to the right of every scored position, so its id never changes a score.
-        self.pad_token_id = int(pad_id)
+        # Padding is masked out of attention, so any id the embedding has will do: a pad
+        # token added to the tokenizer without resizing the embedding falls back to EOS or 0.
+        self.n_embeddings = int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
+        candidates = [tokenizer.pad_token_id, tokenizer.eos_token_id, 0]
+        self.pad_token_id = next(
+            int(token_id)
+            for token_id in candidates
+            if token_id is not None and 0 <= int(token_id) < self.n_embeddings
+        )
         self.letter_token_ids = self._letter_token_ids() if mode == "letter" else None
 
     @property
@@ -315,10 +324,15 @@ class MultipleChoiceScorer:
         """Score prepared questions under whatever interventions are active on the model."""
         n_questions = len(prepared)
         per_sequence: list[np.ndarray | None] = [None] * n_questions
-        for batch in self.batches(prepared):
-            results = self._score_hidden(batch, self.hidden_states(batch))
-            for index, result in zip(batch.question_indices, results, strict=True):
-                per_sequence[index] = result
+        try:
+            for batch in self.batches(prepared):
+                results = self._score_hidden(batch, self._checked_hidden_states(batch))
+                for index, result in zip(batch.question_indices, results, strict=True):
+                    per_sequence[index] = result
+        except PromptCacheUnsupportedError as error:
+            logger.warning("%s; scoring the four full sequences of each question instead", error)
+            self.prompt_cache = False
+            return self.score(prepared)
 
         scores_Q4 = np.zeros((n_questions, N_CHOICES), dtype=np.float64)
         correct_Q = np.zeros(n_questions, dtype=bool)
@@ -421,12 +435,30 @@ class MultipleChoiceScorer:
             choice_positions_SC=(lengths_S[:, None] + torch.arange(choice_length)).to(device),
         )
 
+    def _checked_hidden_states(self, batch: PaddedBatch | PromptCacheBatch) -> torch.Tensor:
+        """Run `hidden_states`, naming the batch's longest sequence when an embedding lookup fails."""
+        try:
+            return self.hidden_states(batch)
+        except IndexError as error:
+            lengths = [max(len(sequence) for sequence in item.sequences) for item in batch.items]
+            longest = batch.items[lengths.index(max(lengths))]
+            config = self.model.config.get_text_config()
+            positions = getattr(config, "max_position_embeddings", None) or getattr(
+                config, "n_positions", None
+            )
+            raise ScoringError(
+                f"the forward pass failed ({error}) on a batch whose longest question, "
+                f"{longest.question.doc_id}, has {max(lengths)} tokens, while the model has "
+                f"{positions} positions and {self.n_embeddings} embeddings. Remove questions longer "
+                "than its positions, or check that the tokenizer belongs to the model"
+            ) from error
+
     @torch.no_grad()
     def hidden_states(self, batch: PaddedBatch | PromptCacheBatch) -> torch.Tensor:
         """Run the model's forward passes for one batch and return the final hidden states the head reads.
 
         A `PaddedBatch` gives ``[sequences, length, d_model]``. A `PromptCacheBatch` gives
-        ``[sequences, 1 + C, d_model]``: column 0 holds the prompt's last position, and
+        ``[sequences, 1 + C, d_model]``: column 0 contains the prompt's last position, and
         column ``c`` the choice's token ``c - 1``.
         """
         if isinstance(batch, PaddedBatch):
@@ -448,10 +480,17 @@ class MultipleChoiceScorer:
         cache = getattr(prompt, "cache", None)
         if cache is None:
             cache = getattr(prompt, "past_key_values", None)
-        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-            raise ScoringError(
+        # Hybrid models (state-space or linear-attention layers) return a cache whose
+        # class has batch_repeat_interleave but whose recurrent layers do not.
+        layers = getattr(cache, "layers", [])
+        if (
+            cache is None
+            or not hasattr(cache, "batch_repeat_interleave")
+            or not all(hasattr(layer, "batch_repeat_interleave") for layer in layers)
+        ):
+            raise PromptCacheUnsupportedError(
                 f"{type(self.decoder).__name__} returned no key-value cache that can be repeated per choice "
-                f"({type(cache).__name__}); score with prompt_cache=False (prompt_cache = false in the eval config)"
+                f"({type(cache).__name__}); set prompt_cache = false in the eval config to skip this check"
             )
         cache.batch_repeat_interleave(N_CHOICES)
         choices = self.decoder(

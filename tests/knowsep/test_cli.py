@@ -215,6 +215,32 @@ def test_core_eval_config_picks_run():
     assert cfg.device == DEMO["model"]["device"]
 
 
+def test_file_sae_path_needs_no_train_table(tmp_path: Path):
+    config = tmp_path / "eval.toml"
+    config.write_text('[eval.core]\nsae_path = "elsewhere/sae"\n')
+
+    cfg = build_core_eval_config(config, [])
+
+    assert cfg.sae_path == "elsewhere/sae"
+
+
+def test_command_line_run_beats_file_sae_path(tmp_path: Path):
+    config = tmp_path / "eval.toml"
+    config.write_text(
+        '[train]\nstore = "runs/store"\nruns_dir = "runs"\n\n[eval.core]\nsae_path = "elsewhere/sae"\n'
+    )
+
+    cfg = build_core_eval_config(config, ["variant=fixed"])
+
+    assert cfg.sae_path == str(Path("runs") / "fixed" / "sae")
+
+
+def test_command_line_sae_path_beats_run(tmp_path: Path):
+    cfg = build_core_eval_config(DEMO_CONFIG, ["variant=fixed", "sae_path=mine/sae"])
+
+    assert cfg.sae_path == "mine/sae"
+
+
 # The justfile
 
 

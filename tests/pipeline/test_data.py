@@ -126,6 +126,11 @@ def test_mcq_records(tmp_path: Path):
         (mcq_record(answer=-1), r"has answer -1"),
         ({**mcq_record(), "answer": "B"}, r"has answer 'B'"),
         ({"question": "Q", "answer": 0}, r"line 2 has no field 'choices'"),
+        ({**mcq_record(), "question": None}, r"line 2 has question None of type NoneType"),
+        (
+            {**mcq_record(), "choices": ["a", 2, "c", "d"]},
+            r"line 2 has choice 1 2 of type int; expected a string",
+        ),
     ],
 )
 def test_bad_mcq(tmp_path: Path, record: dict, message: str):

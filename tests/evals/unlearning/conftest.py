@@ -16,6 +16,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -79,9 +80,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(family: str = "llama") -> torch.nn.Module:
-    """A two-block model that is nearly a bigram model with strong preferences."""
-    shared = dict(
+def tiny_config_fields() -> dict[str, Any]:
+    """Sizes and special token ids of a two-block decoder over VOCAB, for any Llama-like config."""
+    return dict(
         vocab_size=len(VOCAB),
         hidden_size=D_MODEL,
         intermediate_size=64,
@@ -92,9 +93,12 @@ def build_model(family: str = "llama") -> torch.nn.Module:
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
-        initializer_range=0.02,
-        tie_word_embeddings=False,
     )
+
+
+def build_model(family: str = "llama") -> torch.nn.Module:
+    """A two-block model that is nearly a bigram model with strong preferences."""
+    shared = dict(tiny_config_fields(), initializer_range=0.02, tie_word_embeddings=False)
     torch.manual_seed(0)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**shared))

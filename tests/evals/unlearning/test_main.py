@@ -272,6 +272,21 @@ def test_at_chance_flag() -> None:
     assert "too small" in warnings[1]
 
 
+@pytest.mark.parametrize(
+    ("scoring", "condition"),
+    [("cloze", "first with margin 0.0 on none"), ("letter", "under all 24 orders of its choices")],
+)
+def test_empty_known_set_warning(scoring: str, condition: str) -> None:
+    empty = summary_for(0, 40).model_copy(update={"base_n_correct": 10, "base_accuracy": 0.25})
+    knows = summary_for(90, 100)
+    cfg = UnlearningEvalConfig(sae_path="unused", scoring=scoring)  # type: ignore[arg-type]
+
+    warnings = honesty_warnings(cfg, {"wmdp-bio": empty, "mmlu": knows})
+
+    assert any(condition in warning for warning in warnings)
+    assert any("no accuracy can be measured" in warning for warning in warnings)
+
+
 def test_config_validation_and_presets() -> None:
     with pytest.raises(UnlearningConfigError, match="retain threshold 0"):
         UnlearningEvalConfig(sae_path="x", retain_thresholds=[0.0])

@@ -8,6 +8,8 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
@@ -40,6 +42,7 @@ from tests.evals.unlearning.conftest import (
     choice_log_likelihood,
     identity_sae,
     make_questions,
+    tiny_config_fields,
 )
 
 
@@ -248,23 +251,25 @@ def test_prompt_cache_under_clamp(family_model: torch.nn.Module) -> None:
 
 def build_other_family(family: str) -> torch.nn.Module:
     """A random two-block model of another architecture, with a sliding window where it has one."""
-    shared = dict(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    )
+    shared = tiny_config_fields()
     torch.manual_seed(0)
     if family == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(**shared, head_dim=8, sliding_window=8))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(**shared, sliding_window=8))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(VOCAB),
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=256,
+                bos_token_id=BOS_ID,
+                eos_token_id=EOS_ID,
+                pad_token_id=PAD_ID,
+            )
+        )
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**shared))
     return model.eval()
@@ -304,20 +309,70 @@ def test_one_token_choices_skip_choice_pass(family_model: torch.nn.Module) -> No
     )
 
 
-def test_missing_cache_names_fix() -> None:
+class RecurrentLayerCache:
+    """A cache like a hybrid model's: the class repeats, but one of its layers cannot."""
+
+    layers = [object()]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise AssertionError("the scorer must check the layers before repeating")
+
+
+@pytest.mark.parametrize("cache", [None, RecurrentLayerCache()])
+def test_unrepeatable_cache_falls_back(cache, caplog: pytest.LogCaptureFixture) -> None:
     model = build_model("llama")
-    scorer = MultipleChoiceScorer(model, build_tokenizer(), "cloze")
+    tokenizer = build_tokenizer()
+    questions = long_prompt_questions()
+    scorer = MultipleChoiceScorer(model, tokenizer, "cloze", logit_precision="float32")
     decoder = scorer.decoder
 
-    def forward_without_cache(**kwargs):
+    def forward_with_cache(**kwargs):
         kwargs.pop("use_cache", None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=decoder(**kwargs, use_cache=False).last_hidden_state
-        )
+        hidden = decoder(**kwargs, use_cache=False).last_hidden_state
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 
-    scorer.decoder = forward_without_cache  # type: ignore[assignment]
-    with pytest.raises(ScoringError, match="prompt_cache=False"):
-        scorer.score(scorer.prepare(long_prompt_questions()))
+    scorer.decoder = forward_with_cache  # type: ignore[assignment]
+    with caplog.at_level("WARNING", logger="evals.unlearning.scoring"):
+        scores_Q4 = scorer.score(scorer.prepare(questions)).scores_Q4
+
+    assert not scorer.prompt_cache
+    assert "full sequences" in caplog.text
+    np.testing.assert_allclose(scores_Q4, hand_scores(model, tokenizer, questions), atol=1e-5)
+
+
+def test_pad_outside_embedding_falls_back() -> None:
+    model = build_model("llama")
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    assert tokenizer.pad_token_id == len(VOCAB)
+    questions = mixed_length_questions()
+
+    for prompt_cache in (True, False):
+        scorer = MultipleChoiceScorer(
+            model, tokenizer, "cloze", logit_precision="float32", prompt_cache=prompt_cache
+        )
+        scores_Q4 = scorer.score(scorer.prepare(questions)).scores_Q4
+
+        assert scorer.pad_token_id == EOS_ID
+        np.testing.assert_allclose(scores_Q4, hand_scores(model, tokenizer, questions), atol=1e-5)
+
+
+def test_too_long_question_named() -> None:
+    model = build_other_family("gpt2")
+    tokenizer = build_tokenizer()
+    question = MCQuestion(
+        doc_id="long:0",
+        question=" ".join(["f1"] * 300),
+        choices=["f1", "f2", "f3", "f4"],
+        answer=0,
+        subject="t",
+    )
+    scorer = MultipleChoiceScorer(model, tokenizer, "cloze")
+
+    with pytest.raises(
+        ScoringError, match="long:0, has 304 tokens, while the model has 256 positions"
+    ):
+        scorer.score(scorer.prepare([question]))
 
 
 def test_empty_choice_rejected() -> None:
