@@ -177,7 +177,7 @@ def bench_mode(
 def prepare_qps(
     model: torch.nn.Module, tokenizer: Any, questions: list[MCQuestion], mode: str, repeats: int
 ) -> float:
-    """Questions per second of tokenization."""
+    """Return the questions per second of tokenization (`prepare`)."""
     scorer = MultipleChoiceScorer(model, tokenizer, mode)  # type: ignore[arg-type]
     seconds = median_seconds(lambda: scorer.prepare(questions), scorer.device, repeats)
     return len(questions) / seconds

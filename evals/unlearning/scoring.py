@@ -380,7 +380,7 @@ class MultipleChoiceScorer:
     def _pad(self, prepared: Sequence[PreparedQuestion], indices: list[int]) -> PaddedBatch:
         items = [prepared[index] for index in indices]
         sequences = [sequence for item in items for sequence in item.sequences]
-        input_ids_BL, attention_mask_BL = self._pad_right(sequences)
+        input_ids_BL, attention_mask_BL = self._pad_sequences(sequences)
         return PaddedBatch(
             question_indices=indices,
             items=items,
@@ -388,14 +388,37 @@ class MultipleChoiceScorer:
             attention_mask_BL=attention_mask_BL.to(self.device),
         )
 
-    def _pad_right(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the token ids and attention mask of ``sequences`` padded on the right."""
+    def _reduce(self, item: PreparedQuestion, result: np.ndarray) -> tuple[np.ndarray, bool, float]:
+        answer = item.question.answer
+        if self.mode == "cloze":
+            scores_4 = result
+            return scores_4, *correct_and_margin(scores_4, answer)
+
+        # Letter mode: result is [orders, 4], scores per letter position.
+        scores_4 = np.empty(N_CHOICES, dtype=np.float64)
+        correct_all = True
+        margin_min = math.inf
+        for row, order in enumerate(item.orders):
+            by_choice_4 = np.empty(N_CHOICES, dtype=np.float64)
+            by_choice_4[list(order)] = result[row]
+            if row == 0:
+                scores_4 = by_choice_4
+            correct, margin = correct_and_margin(by_choice_4, answer)
+            correct_all &= correct
+            margin_min = min(margin_min, margin)
+        return scores_4, correct_all, margin_min
+
+    def _pad_sequences(
+        self, sequences: Sequence[Sequence[int]], *, left: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the token ids and attention mask of ``sequences`` padded on the right (or left)."""
         max_length = max(len(sequence) for sequence in sequences)
         input_ids_BL = torch.full((len(sequences), max_length), self.pad_token_id, dtype=torch.long)
         attention_mask_BL = torch.zeros((len(sequences), max_length), dtype=torch.long)
         for row, sequence in enumerate(sequences):
-            input_ids_BL[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-            attention_mask_BL[row, : len(sequence)] = 1
+            columns = slice(max_length - len(sequence), None) if left else slice(0, len(sequence))
+            input_ids_BL[row, columns] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask_BL[row, columns] = 1
         return input_ids_BL, attention_mask_BL
 
     def _prompt_cache_batch(
@@ -403,14 +426,7 @@ class MultipleChoiceScorer:
     ) -> PromptCacheBatch:
         items = [prepared[index] for index in indices]
         prompts = [item.sequences[0][: item.score_starts[0] + 1] for item in items]
-        prompt_length = max(len(prompt) for prompt in prompts)
-        prompt_ids_QP = torch.full((len(items), prompt_length), self.pad_token_id, dtype=torch.long)
-        prompt_mask_QP = torch.zeros((len(items), prompt_length), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            prompt_ids_QP[row, prompt_length - len(prompt) :] = torch.tensor(
-                prompt, dtype=torch.long
-            )
-            prompt_mask_QP[row, prompt_length - len(prompt) :] = 1
+        prompt_ids_QP, prompt_mask_QP = self._pad_sequences(prompts, left=True)
         prompt_positions_QP = (prompt_mask_QP.cumsum(dim=1) - 1).clamp(min=0)
 
         # The last choice token is only a target: no position reads it.
@@ -419,7 +435,7 @@ class MultipleChoiceScorer:
             for item in items
             for sequence, start in zip(item.sequences, item.score_starts, strict=True)
         ]
-        choice_ids_SC, choice_mask_SC = self._pad_right(choices)
+        choice_ids_SC, choice_mask_SC = self._pad_sequences(choices)
         choice_length = choice_ids_SC.shape[1]
         prompt_mask_SP = prompt_mask_QP.repeat_interleave(N_CHOICES, dim=0)
         lengths_S = torch.tensor([len(prompt) for prompt in prompts]).repeat_interleave(N_CHOICES)
@@ -574,26 +590,6 @@ class MultipleChoiceScorer:
         counts_S = torch.bincount(rows_N, minlength=n_sequences).double()
         means_Q4 = (sums_S / counts_S).cpu().numpy().reshape(len(items), N_CHOICES)
         return [means_Q4[index] for index in range(len(items))]
-
-    def _reduce(self, item: PreparedQuestion, result: np.ndarray) -> tuple[np.ndarray, bool, float]:
-        answer = item.question.answer
-        if self.mode == "cloze":
-            scores_4 = result
-            return scores_4, *correct_and_margin(scores_4, answer)
-
-        # Letter mode: result is [orders, 4], scores per letter position.
-        scores_4 = np.empty(N_CHOICES, dtype=np.float64)
-        correct_all = True
-        margin_min = math.inf
-        for row, order in enumerate(item.orders):
-            by_choice_4 = np.empty(N_CHOICES, dtype=np.float64)
-            by_choice_4[list(order)] = result[row]
-            if row == 0:
-                scores_4 = by_choice_4
-            correct, margin = correct_and_margin(by_choice_4, answer)
-            correct_all &= correct
-            margin_min = min(margin_min, margin)
-        return scores_4, correct_all, margin_min
 
     def _letter_log_probs(self, hidden_SD: torch.Tensor) -> torch.Tensor:
         assert self.letter_token_ids is not None
